@@ -1,0 +1,208 @@
+"""Building blocks shared by dense Qwen2 and Qwen2-MoE: RMSNorm, rotary tables, attention, SwiGLU MLP.
+
+Shapes are in the names: b batch, t query length, s key length, d hidden, n query heads, k kv heads,
+h head_dim, f MLP width. Numerics follow HF transformers (facts §1): norms, rotary tables and the
+attention softmax in float32; everything else in the compute dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from qwen2_jax.config import Qwen2Config
+from qwen2_jax.sharding import ShardingContext
+
+Dtype = Any
+
+
+def _param(module: nn.Module, name: str, init, shape, dtype, logical_axes):
+    return module.param(name, nn.with_logical_partitioning(init, logical_axes), shape, dtype)
+
+
+def normal_init(config: Qwen2Config):
+    return nn.initializers.normal(stddev=config.initializer_range)
+
+
+class RMSNorm(nn.Module):
+    """HF order: normalise in float32, cast back to the input dtype, then multiply by the weight."""
+
+    eps: float
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = _param(self, "scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype, ("norm",))
+        x32 = x.astype(jnp.float32)
+        var = jnp.mean(x32 * x32, axis=-1, keepdims=True)
+        y = (x32 * jax.lax.rsqrt(var + self.eps)).astype(x.dtype)
+        return scale.astype(jnp.promote_types(scale.dtype, x.dtype)) * y
+
+
+# ------------------------------------------------------------------------------------------ rotary
+def _yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def rope_inv_freq(config: Qwen2Config, max_position=None):
+    """(inv_freq [h/2] float32, attention_scaling) for the config's RoPE type.
+
+    `max_position` (traced scalar: the largest position in this call) is needed only by `dynamic`,
+    whose base grows once the sequence passes max_position_embeddings (HF's dynamic_rope_update).
+    """
+    dim = config.head_size
+    base = config.rope_theta
+    rope = config.rope_scaling
+    exponents = jnp.arange(0, dim, 2, dtype=jnp.float32) / dim
+    if rope.rope_type == "default":
+        return 1.0 / (base ** exponents), 1.0
+    if rope.rope_type == "linear":
+        return 1.0 / (base ** exponents) / rope.factor, 1.0
+    if rope.rope_type == "dynamic":
+        max_pos = config.max_position_embeddings
+        seq_len = jnp.float32(max_pos) if max_position is None else jnp.maximum(
+            max_position.astype(jnp.float32) + 1.0, max_pos)
+        grown = base * ((rope.factor * seq_len / max_pos) - (rope.factor - 1)) ** (dim / (dim - 2))
+        return 1.0 / (grown ** exponents), 1.0
+    if rope.rope_type == "yarn":
+        return _yarn_inv_freq(config)
+    raise ValueError(f"unsupported rope type {rope.rope_type!r}")
+
+
+def _yarn_inv_freq(config: Qwen2Config):
+    """transformers >= 4.56 YaRN (facts §2): static, with the user's factor honoured."""
+    rope = config.rope_scaling
+    dim = config.head_size
+    base = config.rope_theta
+    original = rope.original_max_position_embeddings or config.max_position_embeddings
+    factor = rope.factor if rope.factor is not None else config.max_position_embeddings / original
+    if rope.attention_factor is not None:
+        attention_factor = rope.attention_factor
+    elif rope.mscale and rope.mscale_all_dim:
+        attention_factor = _yarn_get_mscale(factor, rope.mscale) / _yarn_get_mscale(factor, rope.mscale_all_dim)
+    else:
+        attention_factor = _yarn_get_mscale(factor)
+    beta_fast = rope.beta_fast or 32
+    beta_slow = rope.beta_slow or 1
+
+    def correction_dim(num_rotations):
+        return (dim * math.log(original / (num_rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if rope.truncate is None or rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = jnp.clip((jnp.arange(dim // 2, dtype=jnp.float32) - low) / (high - low), 0.0, 1.0)
+    pos_freqs = base ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
+    inv_extrapolation = 1.0 / pos_freqs
+    inv_interpolation = 1.0 / (factor * pos_freqs)
+    extrapolation_factor = 1.0 - ramp
+    inv_freq = inv_interpolation * (1 - extrapolation_factor) + inv_extrapolation * extrapolation_factor
+    return inv_freq, attention_factor
+
+
+def rotary_tables(config: Qwen2Config, positions_bt, dtype):
+    """cos, sin [b, t, h] in float32 math, cast to the activation dtype as HF does."""
+    max_position = jnp.max(positions_bt) if config.rope_scaling.rope_type == "dynamic" else None
+    inv_freq, scaling = rope_inv_freq(config, max_position)
+    freqs_bth = positions_bt.astype(jnp.float32)[..., None] * inv_freq
+    emb_bth = jnp.concatenate([freqs_bth, freqs_bth], axis=-1)
+    return (jnp.cos(emb_bth) * scaling).astype(dtype), (jnp.sin(emb_bth) * scaling).astype(dtype)
+
+
+def apply_rotary(x_btnh, cos_bth, sin_bth):
+    """NeoX half-split rotation: x*cos + rotate_half(x)*sin."""
+    half = x_btnh.shape[-1] // 2
+    rotated = jnp.concatenate([-x_btnh[..., half:], x_btnh[..., :half]], axis=-1)
+    return x_btnh * cos_bth[:, :, None, :] + rotated * sin_bth[:, :, None, :]
+
+
+# --------------------------------------------------------------------------------------- attention
+def attention_mask(q_slot_t, q_pos_bt, k_slot_s, k_pos_bs, window: int | None):
+    """Boolean [b, 1, t, s]: causal by cache slot, valid keys only (pos >= 0), optional sliding window.
+
+    The window is counted in positions, HF >= 4.56: a query sees W keys including itself.
+    """
+    causal_ts = k_slot_s[None, :] <= q_slot_t[:, None]
+    allowed_bts = causal_ts[None] & (k_pos_bs >= 0)[:, None, :]
+    if window is not None:
+        allowed_bts &= k_pos_bs[:, None, :] > (q_pos_bt[:, :, None] - window)
+    return allowed_bts[:, None]
+
+
+class Attention(nn.Module):
+    config: Qwen2Config
+    dtype: Dtype
+    param_dtype: Dtype
+    sharding: ShardingContext | None = None
+
+    @nn.compact
+    def __call__(self, x_btd, cos_bth, sin_bth, mask_b1ts, cache_k_bskh=None, cache_v_bskh=None,
+                 write_index=None):
+        cfg = self.config
+        d, n, k, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size
+        init = normal_init(cfg)
+        wq = _param(self, "q_kernel", init, (d, n, h), self.param_dtype, ("embed", "q_heads", "head_dim"))
+        wk = _param(self, "k_kernel", init, (d, k, h), self.param_dtype, ("embed", "kv_heads", "head_dim"))
+        wv = _param(self, "v_kernel", init, (d, k, h), self.param_dtype, ("embed", "kv_heads", "head_dim"))
+        wo = _param(self, "o_kernel", init, (n, h, d), self.param_dtype, ("q_heads", "head_dim", "embed"))
+        x = x_btd.astype(self.dtype)
+        q_btnh = jnp.einsum("btd,dnh->btnh", x, wq.astype(self.dtype))
+        k_btkh = jnp.einsum("btd,dkh->btkh", x, wk.astype(self.dtype))
+        v_btkh = jnp.einsum("btd,dkh->btkh", x, wv.astype(self.dtype))
+        if cfg.qkv_bias:
+            zeros = nn.initializers.zeros
+            q_btnh += _param(self, "q_bias", zeros, (n, h), self.param_dtype, ("q_heads", "head_dim")).astype(self.dtype)
+            k_btkh += _param(self, "k_bias", zeros, (k, h), self.param_dtype, ("kv_heads", "head_dim")).astype(self.dtype)
+            v_btkh += _param(self, "v_bias", zeros, (k, h), self.param_dtype, ("kv_heads", "head_dim")).astype(self.dtype)
+        q_btnh = apply_rotary(q_btnh, cos_bth, sin_bth)
+        k_btkh = apply_rotary(k_btkh, cos_bth, sin_bth)
+        q_btnh = self._constrain(q_btnh, ("batch", "length", "act_heads", None))
+
+        if cache_k_bskh is not None:
+            # Write this chunk into the cache at [write_index, write_index + t), then attend over it all.
+            start = (0, write_index, 0, 0)
+            cache_k_bskh = jax.lax.dynamic_update_slice(cache_k_bskh, k_btkh.astype(cache_k_bskh.dtype), start)
+            cache_v_bskh = jax.lax.dynamic_update_slice(cache_v_bskh, v_btkh.astype(cache_v_bskh.dtype), start)
+            keys, values = cache_k_bskh.astype(self.dtype), cache_v_bskh.astype(self.dtype)
+        else:
+            keys, values = k_btkh, v_btkh
+        out_btnh = jax.nn.dot_product_attention(
+            q_btnh, keys, values, mask=mask_b1ts, scale=h ** -0.5, implementation=None)
+        out_btd = jnp.einsum("btnh,nhd->btd", out_btnh, wo.astype(self.dtype))
+        return self._constrain(out_btd, ("batch", "length", "act_embed")), (cache_k_bskh, cache_v_bskh)
+
+    def _constrain(self, x, names):
+        return self.sharding.constrain(x, names) if self.sharding is not None else x
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), no biases."""
+
+    hidden_size: int
+    intermediate_size: int
+    config: Qwen2Config
+    dtype: Dtype
+    param_dtype: Dtype
+    sharding: ShardingContext | None = None
+
+    @nn.compact
+    def __call__(self, x_btd):
+        init = normal_init(self.config)
+        d, f = self.hidden_size, self.intermediate_size
+        w_gate = _param(self, "gate_kernel", init, (d, f), self.param_dtype, ("embed", "mlp"))
+        w_up = _param(self, "up_kernel", init, (d, f), self.param_dtype, ("embed", "mlp"))
+        w_down = _param(self, "down_kernel", init, (f, d), self.param_dtype, ("mlp", "embed"))
+        x = x_btd.astype(self.dtype)
+        gate_btf = jnp.einsum("...d,df->...f", x, w_gate.astype(self.dtype))
+        up_btf = jnp.einsum("...d,df->...f", x, w_up.astype(self.dtype))
+        hidden_btf = jax.nn.silu(gate_btf) * up_btf
+        if self.sharding is not None and hidden_btf.ndim == 3:
+            hidden_btf = self.sharding.constrain(hidden_btf, ("batch", "length", "act_mlp"))
+        return jnp.einsum("...f,fd->...d", hidden_btf, w_down.astype(self.dtype))
