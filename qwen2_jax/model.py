@@ -94,7 +94,8 @@ class Qwen2ForCausalLM(nn.Module):
                  write_index=0, logits_index_b=None, output_hidden_states: bool = False,
                  output_router_logits: bool = False):
         """Returns a dict: logits [b, t, vocab] float32 (or [b, 1, vocab] at `logits_index_b`), and
-        `cache`, `hidden_states` (embeddings + each layer's output), `router_logits` when asked."""
+        `cache`, `hidden_states` (HF's convention: embeddings, each layer's output, the last one
+        after the final norm), `router_logits` when asked."""
         cfg = self.config
         embedding = _param(self, "embed_tokens", normal_init(cfg), (cfg.vocab_size, cfg.hidden_size),
                            self.param_dtype, ("vocab", "embed"))
@@ -144,6 +145,8 @@ class Qwen2ForCausalLM(nn.Module):
                 router_logits.extend(outs["router_logits"][i] for i in range(len(layer_ids)))
 
         x_btd = RMSNorm(cfg.rms_norm_eps, self.param_dtype, name="norm")(x_btd)
+        if output_hidden_states:
+            hidden_states[-1] = x_btd  # as HF: the last entry is after the final norm
         if logits_index_b is not None:
             x_btd = jnp.take_along_axis(x_btd, logits_index_b[:, None, None], axis=1)
         if cfg.tie_word_embeddings:
