@@ -206,3 +206,11 @@ class MLP(nn.Module):
         if self.sharding is not None and hidden_btf.ndim == 3:
             hidden_btf = self.sharding.constrain(hidden_btf, ("batch", "length", "act_mlp"))
         return jnp.einsum("...f,fd->...d", hidden_btf, w_down.astype(self.dtype))
+
+
+def __getattr__(name):  # the MoE block lives in qwen2_jax/moe.py; lazy, since moe.py imports this module
+    if name == "SparseMoeBlock":
+        from qwen2_jax.moe import SparseMoeBlock
+
+        return SparseMoeBlock
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

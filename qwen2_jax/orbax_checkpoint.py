@@ -1,15 +1,323 @@
-"""Orbax checkpoints of qwen2-jax (written by qwen2-convert and by training)."""
+"""Orbax checkpoints of qwen2-jax (written by qwen2-convert and by training).
+
+Layout ("stacked-layers-v1"), a directory CKPT holding:
+
+    CKPT/qwen2_jax_metadata.json   {"format_version", "layout", "dtype", "source", "config", "params_item"}
+    CKPT/config.json               HF-style config (Qwen2Config.to_hf), so HF tools and qwen2-generate read it
+    CKPT/params/                   a standard Orbax PyTree checkpoint (OCDBT + zarr3) of the params tree:
+                                   {"embed_tokens", "layers": {...}, "norm", "lm_head"?}, decoder layers
+                                   stacked on a leading axis exactly as `model.py` holds them
+    CKPT/tokenizer.json, tokenizer_config.json, generation_config.json, ...   (copied when present)
+
+Stacked leaves are stored one chunk per layer (per layer and expert for MoE expert weights), the
+same on-disk form Orbax gives an array sharded over its layers axis, so they can be written and
+read a layer slice at a time and restored with a plain Orbax restore into any target sharding.
+
+A training checkpoint is the same thing with more items beside `params` (`CKPT/opt_state/`, ...),
+which `restore` ignores. Also accepted: `CKPT/params/` holding a tree `{"params": ..., other}`
+(only the params subtree is read), the metadata file one or two levels above CKPT (a run's root
+beside its step directories), and a directory of numbered step directories (the highest complete
+step is used).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
+import shutil
+from typing import Any, Callable
+
+import numpy as np
+
+from qwen2_jax.config import Qwen2Config
+from qwen2_jax.safetensors_io import CheckpointError
 
 METADATA_FILE = "qwen2_jax_metadata.json"
+FORMAT_VERSION = 1
+LAYOUT = "stacked-layers-v1"
+PARAMS_ITEM = "params"
+ASSET_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json",
+               "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+# ------------------------------------------------------------------------------------ writing
+@dataclasses.dataclass
+class StreamedLeaf:
+    """A parameter leaf written slice by slice: slices = [(order, index, produce)].
+
+    `index` selects leaf[index] (leading stacked dims); `produce()` returns that slice. Slices of
+    all leaves are written in global `order`, so the caller decides the read order of its source.
+    """
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    stacked: int
+    slices: list[tuple[int, tuple[int, ...], Callable[[], np.ndarray]]]
+
+
+def _streamed_handler():
+    import jax
+    import tensorstore as ts
+    from orbax.checkpoint import type_handlers as th
+    from orbax.checkpoint._src.futures import future
+
+    class StreamedLeafHandler(th.NumpyHandler):
+        # Recorded as np.ndarray: a plain restore reads it with Orbax's own handlers.
+        def typestr(self) -> str:
+            return "np.ndarray"
+
+        async def serialize(self, values, infos, args=None):
+            args = args or [th.SaveArgs()] * len(values)
+            return [future.CommitFutureAwaitingContractedSignals(self._write(values, infos, args),
+                                                                 name="streamed_leaves")]
+
+        async def _write(self, values, infos, args):
+            work = []
+            for leaf, info, arg in zip(values, infos, args):
+                await info.await_path_creation()
+                write_shape = (1,) * leaf.stacked + tuple(leaf.shape[leaf.stacked:])
+                spec = th.get_json_tspec_write(info, use_ocdbt=info.is_ocdbt_checkpoint, global_shape=leaf.shape,
+                                               local_shape=write_shape, dtype=leaf.dtype,
+                                               process_index=jax.process_index(), arg=arg)
+                store = await ts.open(ts.Spec(spec), create=True, open=True, context=info.ts_context)
+                work += [(order, store, index, produce) for order, index, produce in leaf.slices]
+            # One slice in flight at a time: host memory stays at one tensor whatever the depth.
+            for _, store, index, produce in sorted(work, key=lambda w: w[0]):
+                await store[index].write(produce())
+
+    return StreamedLeafHandler()
+
+
+def _params_checkpointer(streamed: bool):
+    import orbax.checkpoint as ocp
+    from orbax.checkpoint import type_handlers as th
+
+    kwargs = {}
+    if streamed:
+        kwargs["type_handler_registry"] = th.create_type_handler_registry((StreamedLeaf, _streamed_handler()))
+    # Uncompressed: weights barely compress and zstd would cost more time than the disk.
+    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=True, use_zarr3=True, use_compression=False,
+                                                        **kwargs))
+
+
+def write_streamed_params(directory: str, tree) -> None:
+    """Writes a params tree of `StreamedLeaf`s as CKPT/params (a standard Orbax PyTree checkpoint)."""
+    import orbax.checkpoint as ocp
+
+    _params_checkpointer(streamed=True).save(os.path.join(os.path.abspath(directory), PARAMS_ITEM),
+                                             args=ocp.args.PyTreeSave(tree))
+
+
+def write_checkpoint_files(directory: str, config: Qwen2Config, dtype: str, source: str,
+                           assets_from: str | None = None) -> None:
+    """config.json, the metadata file and the tokenizer / generation assets of a checkpoint."""
+    config.replace(torch_dtype=dtype).save_hf(directory)
+    if assets_from:
+        copy_assets(assets_from, directory)
+    metadata = {"format_version": FORMAT_VERSION, "layout": LAYOUT, "dtype": dtype, "source": source,
+                "params_item": PARAMS_ITEM, "config": config.replace(torch_dtype=dtype).to_hf()}
+    with open(os.path.join(directory, METADATA_FILE), "w") as f:
+        json.dump(metadata, f, indent=2)
+
+
+def copy_assets(src: str, dst: str) -> list[str]:
+    copied = []
+    for name in ASSET_FILES:
+        path = os.path.join(src, name)
+        if os.path.isfile(path):
+            shutil.copyfile(path, os.path.join(dst, name))
+            copied.append(name)
+    return copied
+
+
+def save(path: str, config: Qwen2Config, params, *, source: str = "qwen2_jax", assets_from: str | None = None):
+    """Save a (sharded) params tree as a checkpoint in this layout; each host writes its shards."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    path = os.path.abspath(path)
+    dtypes = {np.dtype(x.dtype).name for x in jax.tree.leaves(params)}
+    if len(dtypes) != 1:
+        raise ValueError(f"params have mixed dtypes {sorted(dtypes)}")
+    os.makedirs(path, exist_ok=True)
+    _params_checkpointer(streamed=False).save(os.path.join(path, PARAMS_ITEM), args=ocp.args.PyTreeSave(params))
+    if jax.process_index() == 0:
+        write_checkpoint_files(path, config, dtypes.pop(), source, assets_from)
+
+
+# ------------------------------------------------------------------------------------ reading
+@dataclasses.dataclass
+class OrbaxCheckpoint:
+    directory: str
+    params_dir: str
+    metadata_dir: str  # where the metadata file (and the assets) live: `directory` or a run root above it
+    metadata: dict[str, Any]
+    config: Qwen2Config
+    prefix: tuple[str, ...]  # ("params",) when params sit inside a bigger tree in params_dir
+
+    @property
+    def dtype(self) -> str:
+        return self.metadata["dtype"]
+
+
+def _is_pytree_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "_METADATA"))
+
+
+def _find_metadata(directory: str) -> str | None:
+    d = directory
+    for _ in range(3):
+        if os.path.isfile(os.path.join(d, METADATA_FILE)):
+            return d
+        d = os.path.dirname(d)
+    return None
+
+
+def _latest_step(path: str) -> str | None:
+    steps = [int(n) for n in os.listdir(path) if n.isdigit() and _is_pytree_dir(os.path.join(path, n, PARAMS_ITEM))]
+    return os.path.join(path, str(max(steps))) if steps else None
+
+
+def _resolve(path: str) -> tuple[str, str, str] | None:
+    """(checkpoint dir, params dir, metadata dir) or None if this is not a checkpoint of ours."""
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        return None
+    if not _is_pytree_dir(os.path.join(path, PARAMS_ITEM)):
+        step = _latest_step(path)
+        if step is None:
+            return None
+        path = step
+    meta = _find_metadata(path)
+    return (path, os.path.join(path, PARAMS_ITEM), meta) if meta else None
 
 
 def is_orbax_checkpoint(path: str) -> bool:
-    return os.path.exists(os.path.join(path, METADATA_FILE))
+    return _resolve(path) is not None
+
+
+def open_checkpoint(path: str) -> OrbaxCheckpoint:
+    """Locate and check a checkpoint; CheckpointError naming the file if it is not one we can read."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    found = _resolve(path)
+    if found is None:
+        raise CheckpointError(f"{path}: not a qwen2-jax Orbax checkpoint (no {PARAMS_ITEM}/ with {METADATA_FILE})")
+    directory, params_dir, meta_dir = found
+    meta_path = os.path.join(meta_dir, METADATA_FILE)
+    try:
+        with open(meta_path) as f:
+            metadata = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{meta_path}: unreadable metadata ({e})") from None
+    if not isinstance(metadata, dict) or metadata.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{meta_path}: unsupported format_version {metadata.get('format_version')!r} "
+                              f"(this qwen2-jax reads {FORMAT_VERSION})")
+    if metadata.get("layout") != LAYOUT:
+        raise CheckpointError(f"{meta_path}: unsupported layout {metadata.get('layout')!r} (expected {LAYOUT!r})")
+    if metadata.get("dtype") not in DTYPES:
+        raise CheckpointError(f"{meta_path}: unsupported dtype {metadata.get('dtype')!r}")
+    config_path = next((os.path.join(d, "config.json") for d in (directory, meta_dir)
+                        if os.path.isfile(os.path.join(d, "config.json"))), None)
+    config = Qwen2Config.from_hf(config_path) if config_path else Qwen2Config.from_hf(metadata["config"])
+    top = _stored_tree(params_dir)
+    prefix = (PARAMS_ITEM,) if PARAMS_ITEM in top and "embed_tokens" not in top else ()
+    return OrbaxCheckpoint(directory, params_dir, meta_dir, metadata, config, prefix)
+
+
+def _stored_tree(params_dir: str) -> dict:
+    import orbax.checkpoint as ocp
+
+    try:
+        return ocp.PyTreeCheckpointer().metadata(params_dir).item_metadata.tree
+    except Exception as e:  # Orbax raises many types for a damaged directory
+        raise CheckpointError(f"{params_dir}: unreadable Orbax checkpoint ({type(e).__name__}: {e})") from None
+
+
+def check_stored_shapes(ckpt: OrbaxCheckpoint, expected: dict[tuple[str, ...], tuple[int, ...]]) -> None:
+    tree = _stored_tree(ckpt.params_dir)
+    for key in ckpt.prefix:
+        tree = tree[key]
+    stored = {}
+
+    def walk(node, path):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, path + (k,))
+        else:
+            stored[path] = tuple(node.shape)
+
+    walk(tree, ())
+    for path, shape in expected.items():
+        if path not in stored:
+            raise CheckpointError(f"{ckpt.params_dir}: missing parameter {'.'.join(path)!r}")
+        if stored[path] != shape:
+            raise CheckpointError(f"{ckpt.params_dir}: parameter {'.'.join(path)!r} has shape {list(stored[path])}, "
+                                  f"config.json implies {list(shape)}")
+    extra = sorted(set(stored) - set(expected))
+    if extra:
+        raise CheckpointError(f"{ckpt.params_dir}: unexpected parameter {'.'.join(extra[0])!r} for this config")
+
+
+class LeafReader:
+    """Reads slices of stored leaves through tensorstore: a layer's slice, never the stacked leaf."""
+
+    def __init__(self, ckpt: OrbaxCheckpoint):
+        from etils import epath
+        from orbax.checkpoint import type_handlers as th
+
+        self._ckpt = ckpt
+        self._ocdbt = th.is_ocdbt_checkpoint(epath.Path(ckpt.params_dir))
+        with open(os.path.join(ckpt.params_dir, "_METADATA")) as f:
+            self._zarr3 = bool(json.load(f).get("use_zarr3", False))
+        self._context = th.get_ts_context(use_ocdbt=self._ocdbt)
+        self._open: dict[tuple[str, ...], Any] = {}
+
+    def _store(self, path: tuple[str, ...]):
+        if path not in self._open:
+            import tensorstore as ts
+            from etils import epath
+            from orbax.checkpoint import type_handlers as th
+
+            info = th.ParamInfo(name=".".join(self._ckpt.prefix + path), parent_dir=epath.Path(self._ckpt.params_dir),
+                                is_ocdbt_checkpoint=self._ocdbt, use_zarr3=self._zarr3)
+            spec = th.get_json_tspec_read(info, use_ocdbt=self._ocdbt)
+            self._open[path] = ts.open(ts.Spec(spec), open=True, context=self._context).result()
+        return self._open[path]
+
+    def read(self, path: tuple[str, ...], index: tuple[int, ...]) -> np.ndarray:
+        store = self._store(path)
+        return np.asarray(store[index].read().result() if index else store.read().result())
 
 
 def restore(path: str, dtype=None, mesh=None):
-    raise NotImplementedError("Orbax restore arrives with the converter issue")
+    """(config, params) with every leaf restored straight into `param_shardings(config, mesh, dtype)`."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    from qwen2_jax.hf_keys import leaf_shapes
+    from qwen2_jax.params import abstract_params, param_shardings
+
+    ckpt = open_checkpoint(path)
+    target = np.dtype(dtype) if dtype is not None else np.dtype(_np_dtype(ckpt.dtype))
+    check_stored_shapes(ckpt, leaf_shapes(ckpt.config))
+    shardings = param_shardings(ckpt.config, mesh, target)
+    restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s, dtype=target), shardings)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, target, sharding=s),
+                            abstract_params(ckpt.config, target), shardings)
+    for key in reversed(ckpt.prefix):
+        restore_args, abstract = {key: restore_args}, {key: abstract}
+    params = ocp.PyTreeCheckpointer().restore(
+        ckpt.params_dir, args=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args,
+                                                     partial_restore=bool(ckpt.prefix)))
+    for key in ckpt.prefix:
+        params = params[key]
+    return ckpt.config, params
+
+
+def _np_dtype(name: str) -> np.dtype:
+    import ml_dtypes
+
+    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)

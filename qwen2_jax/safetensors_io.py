@@ -103,6 +103,14 @@ class SafetensorsFile:
         buf = memoryview(self._mmap)[self._data_start + begin:self._data_start + end]
         return np.frombuffer(buf, dtype=dtype).reshape(shape)
 
+    def read(self, name: str) -> np.ndarray:
+        """A writable copy of tensor `name`, read with plain file reads (see `_read_into`)."""
+        dtype, shape, begin, _ = self._entries[name]
+        out = np.empty(shape, dtype)
+        if out.size:
+            _read_into(self.path, self._data_start + begin, out)
+        return out
+
     def close(self):
         if self._mmap is not None:
             try:
@@ -175,6 +183,9 @@ class SafetensorsDir:
     def get(self, name: str) -> np.ndarray:
         return self._files[self._where[name]].get(name)
 
+    def read(self, name: str) -> np.ndarray:
+        return self._files[self._where[name]].read(name)
+
     def items(self) -> Iterator[tuple[str, np.ndarray]]:
         for name in self._where:
             yield name, self.get(name)
@@ -182,3 +193,86 @@ class SafetensorsDir:
     def close(self):
         for f in self._files.values():
             f.close()
+
+
+# ------------------------------------------------------------------------------ copying reads
+# `read` (the converter's path) copies each tensor into its own buffer instead of viewing the
+# shared memory map: pages touched through a map stay in the process's RSS until the whole file is
+# unmapped, so streaming a multi-GB shard through `get` makes peak RSS grow with the checkpoint.
+# A fresh buffer is freed as soon as its tensor has been written.
+
+_READ_BLOCK = 1 << 30  # one read() call moves at most ~2 GiB on Linux
+
+
+def _read_into(path: str, offset: int, out: np.ndarray) -> None:
+    view = memoryview(out.reshape(-1).view(np.uint8))
+    with open(path, "rb", buffering=0) as f:
+        f.seek(offset)
+        done = 0
+        while done < len(view):
+            n = f.readinto(view[done:done + _READ_BLOCK])
+            if not n:
+                raise CheckpointError(f"{path}: truncated file: short read at byte {offset + done}")
+            done += n
+
+
+
+
+# ------------------------------------------------------------------------------------ writing
+def safetensors_header(specs, metadata: dict[str, str] | None = None) -> bytes:
+    """The 8-byte length + JSON header for tensors laid out back to back in `specs` order.
+
+    specs: [(name, numpy dtype, shape)]. The JSON is padded with spaces to a multiple of 8 bytes
+    (as the reference implementation does) so every tensor starts 8-byte aligned.
+    """
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name, dtype, shape in specs:
+        nbytes = np.dtype(dtype).itemsize * int(np.prod(shape, dtype=np.int64))
+        header[name] = {"dtype": DTYPE_NAMES[np.dtype(dtype)], "shape": [int(s) for s in shape],
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+class SafetensorsWriter:
+    """Writes one .safetensors file tensor by tensor: the header is planned from `specs` up front,
+    so memory holds one tensor at a time. Tensors must be written in `specs` order."""
+
+    def __init__(self, path: str | os.PathLike, specs, metadata: dict[str, str] | None = None):
+        self.path = os.fspath(path)
+        self._specs = [(n, np.dtype(d), tuple(int(s) for s in sh)) for n, d, sh in specs]
+        self._next = 0
+        self._f = open(self.path, "wb")
+        self._f.write(safetensors_header(self._specs, metadata))
+
+    def write(self, name: str, array: np.ndarray) -> None:
+        if self._next >= len(self._specs):
+            raise ValueError(f"{self.path}: unexpected extra tensor {name!r}")
+        want_name, want_dtype, want_shape = self._specs[self._next]
+        if (name, np.dtype(array.dtype), tuple(array.shape)) != (want_name, want_dtype, want_shape):
+            raise ValueError(f"{self.path}: expected tensor {want_name!r} {want_dtype} {list(want_shape)}, got "
+                             f"{name!r} {array.dtype} {list(array.shape)}")
+        data = np.ascontiguousarray(array)
+        if data.size:
+            self._f.write(data.reshape(-1).view(np.uint8))
+        self._next += 1
+
+    def close(self) -> None:
+        if self._f.closed:
+            return
+        missing = [n for n, _, _ in self._specs[self._next:]]
+        self._f.close()
+        if missing:
+            raise ValueError(f"{self.path}: closed before tensor {missing[0]!r} was written")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *_):
+        if exc_type is None:
+            self.close()
+        else:
+            self._f.close()
