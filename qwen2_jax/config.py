@@ -140,7 +140,8 @@ class Qwen2Config:
 
     @property
     def layer_is_sliding(self) -> tuple[bool, ...]:
-        return tuple(t == "sliding_attention" for t in self.layer_types)
+        # As HF: a "sliding_attention" layer without a window (use_sliding_window off) attends fully.
+        return tuple(t == "sliding_attention" and bool(self.sliding_window) for t in self.layer_types)
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -184,9 +185,6 @@ class Qwen2Config:
                  f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
             bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
             need(not bad, f"unknown layer_types {bad}")
-            if "sliding_attention" in self.layer_types:
-                need(isinstance(self.sliding_window, int) and self.sliding_window > 0,
-                     "layer_types has sliding_attention layers but sliding_window is not a positive integer")
         if self.model_type == "qwen2_moe" and self.num_experts > 0:
             need(0 < self.num_experts_per_tok <= self.num_experts,
                  f"num_experts_per_tok ({self.num_experts_per_tok}) must be in 1..num_experts ({self.num_experts})")
@@ -245,11 +243,10 @@ class Qwen2Config:
             kwargs.pop("mlp_only_layers", None)
         if kwargs.get("layer_types") is not None:
             kwargs["layer_types"] = tuple(kwargs["layer_types"])
-        use_sw = bool(d.get("use_sliding_window", False))
-        if not use_sw and kwargs.get("layer_types") is None:
-            kwargs["sliding_window"] = None  # transformers sets it to None when disabled
-        if kwargs.get("sliding_window") == 0:
-            kwargs["sliding_window"] = None  # qwen2_moe v5 writes 0 for "disabled"
+        if not d.get("use_sliding_window", False) or kwargs.get("sliding_window") == 0:
+            kwargs["sliding_window"] = None  # transformers drops the window when disabled (qwen2_moe v5: 0)
+        if model_type == "qwen2":
+            kwargs.pop("qkv_bias", None)  # HF's dense Qwen2 always has q/k/v biases
         if model_type == "qwen2_moe":
             defaults = dict(num_experts=60, num_experts_per_tok=4, moe_intermediate_size=1408,
                             shared_expert_intermediate_size=5632, hidden_size=2048, intermediate_size=5632,
