@@ -9,9 +9,11 @@ Layout ("stacked-layers-v1"), a directory CKPT holding:
                                    stacked on a leading axis exactly as `model.py` holds them
     CKPT/tokenizer.json, tokenizer_config.json, generation_config.json, ...   (copied when present)
 
-Stacked leaves are stored one chunk per layer (per layer and expert for MoE expert weights), the
-same on-disk form Orbax gives an array sharded over its layers axis, so they can be written and
-read a layer slice at a time and restored with a plain Orbax restore into any target sharding.
+Stacked leaves written by qwen2-convert (`convert/orbax_stream.py`) are stored one chunk per layer
+(per layer and expert for MoE expert weights), the on-disk form Orbax gives an array sharded over
+its layers axis, so they are written and read a layer slice at a time and restored with a plain
+Orbax restore into any target sharding. `save` (training, export) writes the same layout with
+Orbax's own handlers; chunks then follow the arrays' shardings, which every reader here accepts.
 
 A training checkpoint is the same thing with more items beside `params` (`CKPT/opt_state/`, ...),
 which `restore` ignores. Also accepted: `CKPT/params/` holding a tree `{"params": ..., other}`
@@ -26,7 +28,7 @@ import dataclasses
 import json
 import os
 import shutil
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -43,73 +45,6 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 # ------------------------------------------------------------------------------------ writing
-@dataclasses.dataclass
-class StreamedLeaf:
-    """A parameter leaf written slice by slice: slices = [(order, index, produce)].
-
-    `index` selects leaf[index] (leading stacked dims); `produce()` returns that slice. Slices of
-    all leaves are written in global `order`, so the caller decides the read order of its source.
-    """
-
-    shape: tuple[int, ...]
-    dtype: np.dtype
-    stacked: int
-    slices: list[tuple[int, tuple[int, ...], Callable[[], np.ndarray]]]
-
-
-def _streamed_handler():
-    import jax
-    import tensorstore as ts
-    from orbax.checkpoint import type_handlers as th
-    from orbax.checkpoint._src.futures import future
-
-    class StreamedLeafHandler(th.NumpyHandler):
-        # Recorded as np.ndarray: a plain restore reads it with Orbax's own handlers.
-        def typestr(self) -> str:
-            return "np.ndarray"
-
-        async def serialize(self, values, infos, args=None):
-            args = args or [th.SaveArgs()] * len(values)
-            return [future.CommitFutureAwaitingContractedSignals(self._write(values, infos, args),
-                                                                 name="streamed_leaves")]
-
-        async def _write(self, values, infos, args):
-            work = []
-            for leaf, info, arg in zip(values, infos, args):
-                await info.await_path_creation()
-                write_shape = (1,) * leaf.stacked + tuple(leaf.shape[leaf.stacked:])
-                spec = th.get_json_tspec_write(info, use_ocdbt=info.is_ocdbt_checkpoint, global_shape=leaf.shape,
-                                               local_shape=write_shape, dtype=leaf.dtype,
-                                               process_index=jax.process_index(), arg=arg)
-                store = await ts.open(ts.Spec(spec), create=True, open=True, context=info.ts_context)
-                work += [(order, store, index, produce) for order, index, produce in leaf.slices]
-            # One slice in flight at a time: host memory stays at one tensor whatever the depth.
-            for _, store, index, produce in sorted(work, key=lambda w: w[0]):
-                await store[index].write(produce())
-
-    return StreamedLeafHandler()
-
-
-def _params_checkpointer(streamed: bool):
-    import orbax.checkpoint as ocp
-    from orbax.checkpoint import type_handlers as th
-
-    kwargs = {}
-    if streamed:
-        kwargs["type_handler_registry"] = th.create_type_handler_registry((StreamedLeaf, _streamed_handler()))
-    # Uncompressed: weights barely compress and zstd would cost more time than the disk.
-    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=True, use_zarr3=True, use_compression=False,
-                                                        **kwargs))
-
-
-def write_streamed_params(directory: str, tree) -> None:
-    """Writes a params tree of `StreamedLeaf`s as CKPT/params (a standard Orbax PyTree checkpoint)."""
-    import orbax.checkpoint as ocp
-
-    _params_checkpointer(streamed=True).save(os.path.join(os.path.abspath(directory), PARAMS_ITEM),
-                                             args=ocp.args.PyTreeSave(tree))
-
-
 def write_checkpoint_files(directory: str, config: Qwen2Config, dtype: str, source: str,
                            assets_from: str | None = None) -> None:
     """config.json, the metadata file and the tokenizer / generation assets of a checkpoint."""
@@ -132,6 +67,30 @@ def copy_assets(src: str, dst: str) -> list[str]:
     return copied
 
 
+def params_handler(**kwargs):
+    """The Orbax handler for the params item (OCDBT + zarr3). Uncompressed: weights barely
+    compress, and zstd would cost more time than it saves on disk."""
+    import orbax.checkpoint as ocp
+
+    return ocp.PyTreeCheckpointHandler(use_ocdbt=True, use_zarr3=True, use_compression=False, **kwargs)
+
+
+SAVE_CHUNK_BYTES = 256 * 2**20
+
+
+def params_save_args(params):
+    """Orbax SaveArgs that split stacked leaves along the layers axis first (chunks of at most
+    SAVE_CHUNK_BYTES), so readers such as orbax-to-hf fetch a layer without its neighbours."""
+    import jax
+    from orbax.checkpoint import type_handlers as th
+
+    def args(path, _):
+        stacked = str(getattr(path[0], "key", "")).startswith("layers")
+        return th.SaveArgs(chunk_byte_size=SAVE_CHUNK_BYTES, shard_axes=(0,) if stacked else ())
+
+    return jax.tree_util.tree_map_with_path(args, params)
+
+
 def save(path: str, config: Qwen2Config, params, *, source: str = "qwen2_jax", assets_from: str | None = None):
     """Save a (sharded) params tree as a checkpoint in this layout; each host writes its shards."""
     import jax
@@ -142,7 +101,8 @@ def save(path: str, config: Qwen2Config, params, *, source: str = "qwen2_jax", a
     if len(dtypes) != 1:
         raise ValueError(f"params have mixed dtypes {sorted(dtypes)}")
     os.makedirs(path, exist_ok=True)
-    _params_checkpointer(streamed=False).save(os.path.join(path, PARAMS_ITEM), args=ocp.args.PyTreeSave(params))
+    ocp.Checkpointer(params_handler()).save(os.path.join(path, PARAMS_ITEM),
+                                            args=ocp.args.PyTreeSave(params, save_args=params_save_args(params)))
     if jax.process_index() == 0:
         write_checkpoint_files(path, config, dtypes.pop(), source, assets_from)
 
@@ -156,6 +116,7 @@ class OrbaxCheckpoint:
     metadata: dict[str, Any]
     config: Qwen2Config
     prefix: tuple[str, ...]  # ("params",) when params sit inside a bigger tree in params_dir
+    stored: dict  # Orbax's metadata tree of params_dir (shapes and dtypes, no data)
 
     @property
     def dtype(self) -> str:
@@ -224,20 +185,23 @@ def open_checkpoint(path: str) -> OrbaxCheckpoint:
     config = Qwen2Config.from_hf(config_path) if config_path else Qwen2Config.from_hf(metadata["config"])
     top = _stored_tree(params_dir)
     prefix = (PARAMS_ITEM,) if PARAMS_ITEM in top and "embed_tokens" not in top else ()
-    return OrbaxCheckpoint(directory, params_dir, meta_dir, metadata, config, prefix)
+    return OrbaxCheckpoint(directory, params_dir, meta_dir, metadata, config, prefix, top)
 
 
 def _stored_tree(params_dir: str) -> dict:
     import orbax.checkpoint as ocp
 
     try:
-        return ocp.PyTreeCheckpointer().metadata(params_dir).item_metadata.tree
+        item = ocp.PyTreeCheckpointer().metadata(os.path.abspath(params_dir)).item_metadata
     except Exception as e:  # Orbax raises many types for a damaged directory
         raise CheckpointError(f"{params_dir}: unreadable Orbax checkpoint ({type(e).__name__}: {e})") from None
+    if item is None:  # Orbax logs and swallows the reason
+        raise CheckpointError(f"{params_dir}: unreadable Orbax checkpoint metadata")
+    return item.tree
 
 
 def check_stored_shapes(ckpt: OrbaxCheckpoint, expected: dict[tuple[str, ...], tuple[int, ...]]) -> None:
-    tree = _stored_tree(ckpt.params_dir)
+    tree = ckpt.stored
     for key in ckpt.prefix:
         tree = tree[key]
     stored = {}
@@ -261,37 +225,6 @@ def check_stored_shapes(ckpt: OrbaxCheckpoint, expected: dict[tuple[str, ...], t
         raise CheckpointError(f"{ckpt.params_dir}: unexpected parameter {'.'.join(extra[0])!r} for this config")
 
 
-class LeafReader:
-    """Reads slices of stored leaves through tensorstore: a layer's slice, never the stacked leaf."""
-
-    def __init__(self, ckpt: OrbaxCheckpoint):
-        from etils import epath
-        from orbax.checkpoint import type_handlers as th
-
-        self._ckpt = ckpt
-        self._ocdbt = th.is_ocdbt_checkpoint(epath.Path(ckpt.params_dir))
-        with open(os.path.join(ckpt.params_dir, "_METADATA")) as f:
-            self._zarr3 = bool(json.load(f).get("use_zarr3", False))
-        self._context = th.get_ts_context(use_ocdbt=self._ocdbt)
-        self._open: dict[tuple[str, ...], Any] = {}
-
-    def _store(self, path: tuple[str, ...]):
-        if path not in self._open:
-            import tensorstore as ts
-            from etils import epath
-            from orbax.checkpoint import type_handlers as th
-
-            info = th.ParamInfo(name=".".join(self._ckpt.prefix + path), parent_dir=epath.Path(self._ckpt.params_dir),
-                                is_ocdbt_checkpoint=self._ocdbt, use_zarr3=self._zarr3)
-            spec = th.get_json_tspec_read(info, use_ocdbt=self._ocdbt)
-            self._open[path] = ts.open(ts.Spec(spec), open=True, context=self._context).result()
-        return self._open[path]
-
-    def read(self, path: tuple[str, ...], index: tuple[int, ...]) -> np.ndarray:
-        store = self._store(path)
-        return np.asarray(store[index].read().result() if index else store.read().result())
-
-
 def restore(path: str, dtype=None, mesh=None):
     """(config, params) with every leaf restored straight into `param_shardings(config, mesh, dtype)`."""
     import jax
@@ -301,7 +234,7 @@ def restore(path: str, dtype=None, mesh=None):
     from qwen2_jax.params import abstract_params, param_shardings
 
     ckpt = open_checkpoint(path)
-    target = np.dtype(dtype) if dtype is not None else np.dtype(_np_dtype(ckpt.dtype))
+    target = np.dtype(dtype) if dtype is not None else np.dtype(np_dtype(ckpt.dtype))
     check_stored_shapes(ckpt, leaf_shapes(ckpt.config))
     shardings = param_shardings(ckpt.config, mesh, target)
     restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s, dtype=target), shardings)
@@ -317,7 +250,7 @@ def restore(path: str, dtype=None, mesh=None):
     return ckpt.config, params
 
 
-def _np_dtype(name: str) -> np.dtype:
+def np_dtype(name: str) -> np.dtype:
     import ml_dtypes
 
     return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)

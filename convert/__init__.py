@@ -1,0 +1,1 @@
+"""qwen2-convert: HF safetensors <-> Orbax checkpoints, streamed in memory bounded by one tensor."""
