@@ -173,8 +173,11 @@ class Attention(nn.Module):
             keys, values = cache_k_bskh.astype(self.dtype), cache_v_bskh.astype(self.dtype)
         else:
             keys, values = k_btkh, v_btkh
+        if q_btnh.dtype == jnp.float16 and jax.default_backend() == "cpu":
+            # XLA:CPU has no F16_F16_F32 dot; float32 scores are what the fp16 path accumulates in anyway
+            q_btnh, keys, values = (a.astype(jnp.float32) for a in (q_btnh, keys, values))
         out_btnh = jax.nn.dot_product_attention(
-            q_btnh, keys, values, mask=mask_b1ts, scale=h ** -0.5, implementation=None)
+            q_btnh, keys, values, mask=mask_b1ts, scale=h ** -0.5, implementation=None).astype(self.dtype)
         out_btd = jnp.einsum("btnh,nhd->btd", out_btnh, wo.astype(self.dtype))
         return self._constrain(out_btd, ("batch", "length", "act_embed")), (cache_k_bskh, cache_v_bskh)
 

@@ -59,3 +59,12 @@ def test_init_lands_in_shardings():
     assert np.all(np.asarray(params["layers"]["self_attn"]["q_bias"]) == 0.0)
     ids = np.random.RandomState(2).randint(0, 96, (8, 5))
     assert np.isfinite(np.asarray(qwen2_jax.forward(TINY, params, ids))).all()
+
+
+def test_float16_parameters_run_on_cpu():
+    """XLA:CPU has no F16_F16_F32 dot: attention must still run for fp16 checkpoints."""
+    params = init_params(TINY, jax.random.key(3), param_dtype=jnp.float16)
+    ids = np.random.RandomState(3).randint(0, 96, (2, 7))
+    f16 = np.asarray(qwen2_jax.forward(TINY, params, ids))
+    f32 = np.asarray(qwen2_jax.forward(TINY, jax.tree.map(lambda x: x.astype(jnp.float32), params), ids))
+    assert np.abs(f16 - f32).max() < 5e-3 * np.abs(f32).max()
