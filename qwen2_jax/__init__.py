@@ -3,6 +3,7 @@
 from qwen2_jax.checkpoint import load_checkpoint
 from qwen2_jax.config import ConfigError, Qwen2Config
 from qwen2_jax.forward import forward
+from qwen2_jax.generate import generate, generate_stream
 from qwen2_jax.safetensors_io import CheckpointError
 
-__all__ = ["Qwen2Config", "ConfigError", "CheckpointError", "load_checkpoint", "forward"]
+__all__ = ["Qwen2Config", "ConfigError", "CheckpointError", "load_checkpoint", "forward", "generate", "generate_stream"]
