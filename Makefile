@@ -4,8 +4,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+BASE_STAMP := $(VENV)/.installed-base
 
-.PHONY: test test-all demo install bench
+.PHONY: test test-slow test-all demo install
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -15,13 +16,21 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
+# the demo needs only the library (no torch, no transformers)
+$(BASE_STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e .
+	touch $(BASE_STAMP)
+
 install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m ""
 
-demo: $(STAMP)
+demo: $(BASE_STAMP)
 	$(PY) -m qwen2_jax.demo
