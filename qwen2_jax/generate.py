@@ -34,7 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from qwen2_jax.config import Qwen2Config
 from qwen2_jax.kv_cache import KVCache, init_cache
-from qwen2_jax.layers import RMSNorm, apply_rotary, attention_mask, rotary_tables
+from qwen2_jax.layers import RMSNorm, apply_rotary, attention_core, attention_mask, rotary_tables
 from qwen2_jax.model import DecoderLayer, Qwen2ForCausalLM, layer_segments, positions_from_mask
 from qwen2_jax.sampling import SamplingMode, SamplingParams, SamplingValues, as_int_list, row_keys, select_tokens
 from qwen2_jax.sharding import ShardingContext, mesh_of
@@ -279,8 +279,9 @@ def _dense_layer_transposed(cfg: Qwen2Config, dtype, p: dict, x_btd, cos_bth, si
     start = (0, write_index, 0, 0)
     cache_k_bskh = jax.lax.dynamic_update_slice(cache_k_bskh, k_btkh.astype(cache_k_bskh.dtype), start)
     cache_v_bskh = jax.lax.dynamic_update_slice(cache_v_bskh, v.reshape(b, t, k, h).astype(cache_v_bskh.dtype), start)
-    out_btnh = jax.nn.dot_product_attention(q_btnh, cache_k_bskh.astype(dtype), cache_v_bskh.astype(dtype),
-                                            mask=mask_b1ts, scale=h ** -0.5, implementation=None)
+    prefill_from_empty = isinstance(write_index, int) and write_index == 0
+    out_btnh = attention_core(q_btnh, cache_k_bskh.astype(dtype), cache_v_bskh.astype(dtype), mask_b1ts, h ** -0.5,
+                              prefill_from_empty)
     x_btd = residual + jnp.einsum("bto,do->btd", out_btnh.reshape(b, t, n * h), p["o_w"].astype(dtype))
     residual = x_btd
     x = _rms_norm(cfg, p["post_norm"], x_btd).astype(dtype)

@@ -210,3 +210,17 @@ def test_greedy_with_repetition_penalty_matches_hf(case):
         i = len(prompt) + step
         scores = proc(torch.tensor([seq[:i]]), torch.tensor(ref[i - 1][None])).numpy()[0]
         assert scores[tok] >= scores.max() - 1e-5 * max(1.0, np.abs(scores).max())
+
+
+@pytest.mark.parametrize("layer_mode", ["unstacked", "scan"])
+def test_long_prompts_decode_equals_uncached_forward(layer_mode, sliding_case):
+    """Prompts longer than attention's causal query blocks: the blocked prefill feeds the same cache."""
+    _, model, _, config, params = sliding_case
+    rng = np.random.RandomState(9)
+    prompts = [rng.randint(0, config.vocab_size, 130).tolist(), rng.randint(0, config.vocab_size, 70).tolist()]
+    new = 5
+    out = generate_outputs(config, params, prompts, new, eos_token_ids=[], output_logits=True, layer_mode=layer_mode)
+    for prompt, tokens, logits in zip(prompts, out["tokens"], out["logits"]):
+        full = np.asarray(forward(config, params, np.array([prompt + tokens])))[0]
+        assert rel_err(logits, full[len(prompt) - 1:len(prompt) - 1 + new]) < TOL
+        _teacher_forced_check(model, prompt, tokens)

@@ -133,3 +133,45 @@ def test_bfloat16_kl_against_hf_fp32(tmp_path, capsys):
     with capsys.disabled():
         print(f"\nKL(ours_bf16 || HF_fp32) = {kl_ours:.3e}   KL(HF_bf16 || HF_fp32) = {kl_hf:.3e}")
     assert kl_ours < 2 * kl_hf + 1e-6
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(num_attention_heads=4, num_key_value_heads=2),
+    # a window wider than one query block, on some layers only: windows cross block boundaries
+    dict(use_sliding_window=True, sliding_window=70, max_window_layers=1, num_hidden_layers=3),
+])
+def test_long_sequences_match_hf(overrides, tmp_path):
+    """Sequences longer than attention's causal query blocks (CPU runs queries in blocks of 64)."""
+    model = make_hf_model(hf_dense_config(max_position_embeddings=512, **overrides), seed=11)
+    model.save_pretrained(tmp_path)
+    config, params = qwen2_jax.load_checkpoint(str(tmp_path))
+    rng = np.random.RandomState(3)
+    ids = rng.randint(0, config.vocab_size, (3, 203))
+    mask = np.ones_like(ids)
+    mask[1, :90] = 0  # left padding longer than a block
+    mask[2, -70:] = 0
+    ref = hf_logits(model, ids, mask)
+    out = np.asarray(qwen2_jax.forward(config, params, ids, mask))
+    real = mask.astype(bool)
+    assert rel_err(out[real], ref[real]) < TOL
+
+
+def test_blocked_attention_equals_one_block():
+    """attention_core's causal query blocks give dot_product_attention's numbers for any causal mask."""
+    import jax
+    import jax.numpy as jnp
+
+    from qwen2_jax.layers import attention_core, attention_mask
+
+    rng = np.random.RandomState(0)
+    b, t, n, k, h = 2, 150, 4, 2, 16
+    q, kk, v = (jnp.asarray(rng.randn(b, t, m, h).astype(np.float32)) for m in (n, k, k))
+    valid = np.ones((b, t), bool)
+    valid[1, :40] = False
+    pos = jnp.asarray(np.where(valid, np.cumsum(valid, 1) - 1, -1))
+    for window in (None, 33):
+        mask = attention_mask(jnp.arange(t), pos, jnp.arange(t), pos, window)
+        blocked = attention_core(q, kk, v, mask, 0.25, keys_start_at_query_0=True)
+        whole = jax.nn.dot_product_attention(q, kk, v, mask=mask, scale=0.25)
+        real = valid
+        np.testing.assert_allclose(np.asarray(blocked)[real], np.asarray(whole)[real], rtol=0, atol=1e-5)
