@@ -21,8 +21,9 @@ def compute_dtype_of(params) -> jnp.dtype:
 
 @functools.lru_cache(maxsize=64)
 def _compiled_forward(config: Qwen2Config, dtype, sharding: ShardingContext | None, scan_unroll: int,
-                      output_hidden_states: bool, output_router_logits: bool):
-    model = Qwen2ForCausalLM(config, dtype=dtype, param_dtype=dtype, sharding=sharding, scan_unroll=scan_unroll)
+                      output_hidden_states: bool, output_router_logits: bool, moe_impl: str, moe_exchange: str):
+    model = Qwen2ForCausalLM(config, dtype=dtype, param_dtype=dtype, sharding=sharding, scan_unroll=scan_unroll,
+                             moe_impl=moe_impl, moe_exchange=moe_exchange)
 
     def run(params, input_ids_bt, attention_mask_bt):
         positions_bt = positions_from_mask(attention_mask_bt)
@@ -40,8 +41,18 @@ def _batch_input(x, sharding: ShardingContext | None):
 
 
 def forward_outputs(config: Qwen2Config, params, input_ids, attention_mask=None, *, dtype=None,
-                    scan_unroll: int = 1, output_hidden_states: bool = False, output_router_logits: bool = False):
-    """All outputs of the forward pass (logits, and hidden states / router logits when asked)."""
+                    scan_unroll: int = 1, output_hidden_states: bool = False, output_router_logits: bool = False,
+                    moe_impl: str = "auto", moe_exchange: str = "auto"):
+    """All outputs of the forward pass (logits, and hidden states / router logits when asked).
+
+    moe_impl ("auto" | "ragged_dot" | "tiled") and moe_exchange ("auto" | "allgather" |
+    "ragged_all_to_all") choose how MoE layers run; dense models ignore them."""
+    from qwen2_jax.moe import EXCHANGES, IMPLS
+
+    if moe_impl not in IMPLS:
+        raise ValueError(f"unknown moe_impl {moe_impl!r} (choose from {IMPLS})")
+    if moe_exchange not in EXCHANGES:
+        raise ValueError(f"unknown moe_exchange {moe_exchange!r} (choose from {EXCHANGES})")
     input_ids = np.asarray(input_ids)
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
@@ -55,7 +66,8 @@ def forward_outputs(config: Qwen2Config, params, input_ids, attention_mask=None,
     mesh = mesh_of(params)
     sharding = ShardingContext(mesh) if mesh is not None else None
     dtype = jnp.dtype(dtype) if dtype is not None else compute_dtype_of(params)
-    fn = _compiled_forward(config, dtype, sharding, scan_unroll, output_hidden_states, output_router_logits)
+    fn = _compiled_forward(config, dtype, sharding, scan_unroll, output_hidden_states, output_router_logits,
+                           moe_impl, moe_exchange)
     return fn(params, _batch_input(input_ids, sharding), _batch_input(attention_mask, sharding))
 
 

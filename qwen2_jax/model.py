@@ -43,6 +43,8 @@ class DecoderLayer(nn.Module):
     sharding: ShardingContext | None = None
     output_hidden_states: bool = False
     output_router_logits: bool = False
+    moe_impl: str = "auto"
+    moe_exchange: str = "auto"
 
     @nn.compact
     def __call__(self, x_btd, cos_bth, sin_bth, mask_full, mask_sliding, write_index,
@@ -60,7 +62,8 @@ class DecoderLayer(nn.Module):
         if self.sparse:
             from qwen2_jax.layers import SparseMoeBlock
 
-            mlp_out, router_logits = SparseMoeBlock(cfg, self.dtype, self.param_dtype, self.sharding, name="mlp")(h)
+            mlp_out, router_logits = SparseMoeBlock(cfg, self.dtype, self.param_dtype, self.sharding, self.moe_impl,
+                                                     self.moe_exchange, name="mlp")(h)
         else:
             mlp_out = MLP(cfg.hidden_size, cfg.intermediate_size, cfg, self.dtype, self.param_dtype,
                           self.sharding, name="mlp")(h)
@@ -80,6 +83,8 @@ class Qwen2ForCausalLM(nn.Module):
 
     dtype is the compute dtype, param_dtype the dtype parameters are created in (init only: loaded
     parameters keep their own dtype). scan_unroll > 1 unrolls the layer loop (1 = rolled scan).
+    moe_impl / moe_exchange choose the MoE grouped matmul and expert-parallel token exchange
+    (`qwen2_jax.moe.SparseMoeBlock`); "auto" picks by backend.
     """
 
     config: Qwen2Config
@@ -88,6 +93,8 @@ class Qwen2ForCausalLM(nn.Module):
     sharding: ShardingContext | None = None
     scan_unroll: int = 1
     remat: bool = False
+    moe_impl: str = "auto"
+    moe_exchange: str = "auto"
 
     @nn.compact
     def __call__(self, input_ids_bt, positions_bt, attention_mask_bt, cache: KVCache | None = None,
@@ -131,7 +138,7 @@ class Qwen2ForCausalLM(nn.Module):
                 unroll=min(self.scan_unroll, len(layer_ids)),
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(cfg, self.dtype, self.param_dtype, cfg.is_sparse_layer(layer_ids[0]), self.sharding,
-              output_hidden_states, output_router_logits, name=name)
+              output_hidden_states, output_router_logits, self.moe_impl, self.moe_exchange, name=name)
             is_sliding_l = jnp.array([cfg.layer_is_sliding[i] for i in layer_ids])
             cache_k = cache.k[s] if cache is not None else None
             cache_v = cache.v[s] if cache is not None else None

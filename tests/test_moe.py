@@ -216,3 +216,25 @@ def test_converted_orbax_checkpoint_matches_hf(tmp_path, tmp_path_factory):
     out = np.asarray(qwen2_jax.forward(config, params, ids, mask))
     real = mask.astype(bool)
     assert rel_err(out[real], ref[real]) < TOL
+
+
+def test_forward_selects_moe_impl_and_exchange(tmp_path_factory):
+    """forward_outputs(moe_impl=..., moe_exchange=...) reaches every sparse layer; all choices equal HF."""
+    from qwen2_jax.sharding import make_mesh
+
+    _, model, path = _build("k2", tmp_path_factory)
+    config, params = qwen2_jax.load_checkpoint(path)
+    ids, mask = _batch(config.vocab_size, seed=6)
+    ids, mask = np.concatenate([ids, ids[:1]]), np.concatenate([mask, mask[:1]])
+    ref = hf_logits(model, ids, mask)
+    real = mask.astype(bool)
+    for impl in ("ragged_dot", "tiled"):
+        out = np.asarray(forward_outputs(config, params, ids, mask, moe_impl=impl)["logits"])
+        assert rel_err(out[real], ref[real]) < TOL, impl
+    _, sharded = qwen2_jax.load_checkpoint(path, mesh=make_mesh(data=2, expert=4))
+    out = np.asarray(forward_outputs(config, sharded, ids, mask, moe_exchange="ragged_all_to_all")["logits"])
+    assert rel_err(out[real], ref[real]) < TOL
+    with pytest.raises(ValueError, match="unknown moe_impl 'fast'"):
+        forward_outputs(config, params, ids, mask, moe_impl="fast")
+    with pytest.raises(ValueError, match="unknown moe_exchange"):
+        forward_outputs(config, params, ids, mask, moe_exchange="nccl")

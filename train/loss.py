@@ -53,7 +53,8 @@ def next_token_cross_entropy(logits_btv, labels_bt, attention_mask_bt=None):
 
 
 def make_loss_fn(config: Qwen2Config, *, dtype=jnp.float32, param_dtype=None, sharding: ShardingContext | None = None,
-                 remat: bool = False, z_loss_coef: float = 0.0, aux_loss_coef: float | None = None):
+                 remat: bool = False, z_loss_coef: float = 0.0, aux_loss_coef: float | None = None,
+                 moe_impl: str = "auto", moe_exchange: str = "auto"):
     """A pure `loss_fn(params, batch) -> (loss, metrics)`.
 
     batch: dict with `input_ids` [b, t], optional `attention_mask` [b, t] (1 real, 0 padding; positions
@@ -62,7 +63,8 @@ def make_loss_fn(config: Qwen2Config, *, dtype=jnp.float32, param_dtype=None, sh
     padding excluded from the aux statistics, and `z_loss_coef * z` when z_loss_coef > 0."""
     if z_loss_coef < 0:
         raise ValueError(f"z_loss_coef must be >= 0, got {z_loss_coef}")
-    model = Qwen2ForCausalLM(config, dtype=dtype, param_dtype=param_dtype or dtype, sharding=sharding, remat=remat)
+    model = Qwen2ForCausalLM(config, dtype=dtype, param_dtype=param_dtype or dtype, sharding=sharding, remat=remat,
+                             moe_impl=moe_impl, moe_exchange=moe_exchange)
     is_moe = config.num_experts > 0 and any(config.is_sparse_layer(i) for i in range(config.num_hidden_layers))
     coef = config.router_aux_loss_coef if aux_loss_coef is None else aux_loss_coef
 
