@@ -14,7 +14,7 @@ from convert import orbax_stream
 from convert.arrays import materialize
 from convert.progress import Progress
 from qwen2_jax import orbax_checkpoint as oc
-from qwen2_jax.checkpoint import check_hf_tensors, parse_dtype
+from qwen2_jax.checkpoint import check_hf_tensors, parse_dtype, require_checkpoint_dir
 from qwen2_jax.config import Qwen2Config
 from qwen2_jax.hf_keys import Entry, leaf_shapes
 from qwen2_jax.safetensors_io import CheckpointError, SafetensorsDir
@@ -24,12 +24,7 @@ class SourcePlan:
     """A validated HF source: config, tensors, table, target dtype."""
 
     def __init__(self, src: str, dtype: str | None):
-        if not os.path.exists(src):
-            raise FileNotFoundError(f"source not found: {src}")
-        if not os.path.isdir(src):
-            raise CheckpointError(f"source must be a directory: {src}")
-        if not os.path.isfile(os.path.join(src, "config.json")):
-            raise CheckpointError(f"{src}: no config.json")
+        require_checkpoint_dir(src, "source", config_hint="")
         self.src = src
         self.config = Qwen2Config.from_hf(src)
         self.tensors = SafetensorsDir(src)

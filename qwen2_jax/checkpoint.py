@@ -33,6 +33,17 @@ def parse_dtype(dtype) -> np.dtype | None:
     return np.dtype(dtype)
 
 
+def require_checkpoint_dir(path: str, what: str = "checkpoint", config_hint: str | None = None) -> None:
+    """The one check of a checkpoint path every entry point makes: it exists and is a directory, and
+    with `config_hint` it has a config.json (the hint says what its absence means)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what} not found: {path}")
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{what} must be a directory: {path}")
+    if config_hint is not None and not os.path.exists(os.path.join(path, "config.json")):
+        raise CheckpointError(f"{path}: no config.json{config_hint}")
+
+
 def is_hf_dir(path: str) -> bool:
     return os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")) and any(
         p.endswith(".safetensors") or p == "model.safetensors.index.json" for p in os.listdir(path))
@@ -45,17 +56,13 @@ def load_checkpoint(path: str | os.PathLike, dtype=None, mesh: Mesh | None = Non
     even). mesh: place every parameter straight into its sharding on this mesh.
     """
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if not os.path.isdir(path):
-        raise CheckpointError(f"checkpoint must be a directory: {path}")
+    require_checkpoint_dir(path)
     target_dtype = parse_dtype(dtype)
     from qwen2_jax import orbax_checkpoint
 
     if orbax_checkpoint.is_orbax_checkpoint(path):
         return orbax_checkpoint.restore(path, dtype=target_dtype, mesh=mesh)
-    if not os.path.exists(os.path.join(path, "config.json")):
-        raise CheckpointError(f"{path}: no config.json (not an HF checkpoint) and no Orbax checkpoint")
+    require_checkpoint_dir(path, config_hint=" (not an HF checkpoint) and no Orbax checkpoint")
     return load_hf(path, target_dtype, mesh)
 
 

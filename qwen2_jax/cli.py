@@ -86,21 +86,17 @@ class _Session:
     """Checkpoint, tokenizer and settings: loaded once, used for one prompt or a whole chat."""
 
     def __init__(self, args):
+        from qwen2_jax.checkpoint import require_checkpoint_dir
         from qwen2_jax.config import Qwen2Config
         from qwen2_jax.sampling import eos_ids_of, load_generation_config
 
         self.args = args
         path = args.checkpoint
-        if not os.path.exists(path):
-            raise UsageError(f"checkpoint not found: {path}")
-        if not os.path.isdir(path):
-            raise UsageError(f"checkpoint must be a directory: {path}")
-        if not os.path.exists(os.path.join(path, "config.json")):
-            raise UsageError(f"{path}: no config.json (not an HF or Orbax checkpoint)")
         try:
+            require_checkpoint_dir(path, config_hint=" (not an HF or Orbax checkpoint)")
             self.config = Qwen2Config.from_hf(path)
             self.gen = load_generation_config(path)
-        except ValueError as e:
+        except (FileNotFoundError, ValueError) as e:  # CheckpointError and ConfigError are ValueErrors
             raise UsageError(str(e)) from None
         self.sampling = _sampling_args(args, self.gen)
         self.max_new_tokens = (args.max_new_tokens if args.max_new_tokens is not None

@@ -40,6 +40,24 @@ def _batch_input(x, sharding: ShardingContext | None):
     return x
 
 
+def validated_batch(config: Qwen2Config, input_ids, **same_shape) -> dict[str, np.ndarray]:
+    """input_ids (and the given same-shaped arrays, None = absent) as numpy, checked: [batch, length],
+    equal shapes, token ids inside the vocabulary."""
+    input_ids = np.asarray(input_ids)
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
+    if input_ids.size and (input_ids.min() < 0 or input_ids.max() >= config.vocab_size):
+        raise ValueError(f"token ids must be in [0, {config.vocab_size}), got {input_ids.min()}..{input_ids.max()}")
+    batch = {"input_ids": input_ids}
+    for name, value in same_shape.items():
+        if value is not None:
+            value = np.asarray(value)
+            if value.shape != input_ids.shape:
+                raise ValueError(f"{name} shape {value.shape} != input_ids shape {input_ids.shape}")
+            batch[name] = value
+    return batch
+
+
 def forward_outputs(config: Qwen2Config, params, input_ids, attention_mask=None, *, dtype=None,
                     scan_unroll: int = 1, output_hidden_states: bool = False, output_router_logits: bool = False,
                     moe_impl: str = "auto", moe_exchange: str = "auto"):
@@ -53,16 +71,9 @@ def forward_outputs(config: Qwen2Config, params, input_ids, attention_mask=None,
         raise ValueError(f"unknown moe_impl {moe_impl!r} (choose from {IMPLS})")
     if moe_exchange not in EXCHANGES:
         raise ValueError(f"unknown moe_exchange {moe_exchange!r} (choose from {EXCHANGES})")
-    input_ids = np.asarray(input_ids)
-    if input_ids.ndim != 2:
-        raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
-    if attention_mask is None:
-        attention_mask = np.ones_like(input_ids)
-    attention_mask = np.asarray(attention_mask)
-    if attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask shape {attention_mask.shape} != input_ids shape {input_ids.shape}")
-    if input_ids.size and (input_ids.min() < 0 or input_ids.max() >= config.vocab_size):
-        raise ValueError(f"token ids must be in [0, {config.vocab_size}), got {input_ids.min()}..{input_ids.max()}")
+    batch = validated_batch(config, input_ids, attention_mask=attention_mask)
+    input_ids = batch["input_ids"]
+    attention_mask = batch.get("attention_mask", np.ones_like(input_ids))
     mesh = mesh_of(params)
     sharding = ShardingContext(mesh) if mesh is not None else None
     dtype = jnp.dtype(dtype) if dtype is not None else compute_dtype_of(params)

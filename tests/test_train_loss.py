@@ -8,20 +8,17 @@ import torch
 import qwen2_jax
 from hf_utils import hf_dense_config, make_hf_model, rel_err
 from qwen2_jax.hf_keys import hf_table
-from test_moe import hf_moe_config, make_hf_moe
+from test_moe import _batch as moe_batch, hf_moe_config, make_hf_moe
 from train.loss import IGNORE_INDEX, causal_lm_loss
 
-SEQ = 12
 
 
 def _batch(vocab, seed=0):
-    rng = np.random.RandomState(seed)
-    ids = rng.randint(0, vocab, (3, SEQ))
-    mask = np.ones_like(ids)
-    mask[1, :4] = 0  # left padding
-    mask[2, -3:] = 0  # right padding
+    """test_moe's batch (row 1 left-padded, row 2 right-padded) with labels: padding not counted."""
+    ids, mask = moe_batch(vocab, seed)
     labels = np.where(mask.astype(bool), ids, IGNORE_INDEX)
-    labels[1, 4] = IGNORE_INDEX  # HF would predict it from a padding position; we never count those
+    first_real = int(np.argmax(mask[1]))
+    labels[1, first_real] = IGNORE_INDEX  # HF would predict it from a padding position; we never count those
     return ids, mask, labels
 
 

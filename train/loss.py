@@ -16,10 +16,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from qwen2_jax.config import Qwen2Config
+from qwen2_jax.forward import compute_dtype_of, validated_batch
 from qwen2_jax.model import Qwen2ForCausalLM, positions_from_mask
 from qwen2_jax.moe import load_balancing_loss, router_z_loss
 from qwen2_jax.sharding import ShardingContext, mesh_of
@@ -108,17 +108,9 @@ def causal_lm_loss(config: Qwen2Config, params, input_ids, attention_mask=None, 
     output_router_logits=True).loss` (positions count real tokens only, as HF generate does; without
     left padding these are HF's default positions), except that predictions made at padding positions
     never count (HF counts the one before the first real token of a left-padded row)."""
-    batch = {"input_ids": np.asarray(input_ids)}
-    if batch["input_ids"].ndim != 2:
-        raise ValueError(f"input_ids must be [batch, length], got shape {batch['input_ids'].shape}")
-    for name, value in (("attention_mask", attention_mask), ("labels", labels)):
-        if value is not None:
-            value = np.asarray(value)
-            if value.shape != batch["input_ids"].shape:
-                raise ValueError(f"{name} shape {value.shape} != input_ids shape {batch['input_ids'].shape}")
-            batch[name] = value
+    batch = validated_batch(config, input_ids, attention_mask=attention_mask, labels=labels)
     mesh = mesh_of(params)
     sharding = ShardingContext(mesh) if mesh is not None else None
-    dtype = jnp.dtype(params["embed_tokens"].dtype)
+    dtype = compute_dtype_of(params)
     fn = _compiled_loss(config, dtype, sharding, float(z_loss_coef), aux_loss_coef, with_grad)
     return fn(params, batch)
