@@ -279,9 +279,8 @@ def _dense_layer_transposed(cfg: Qwen2Config, dtype, p: dict, x_btd, cos_bth, si
     start = (0, write_index, 0, 0)
     cache_k_bskh = jax.lax.dynamic_update_slice(cache_k_bskh, k_btkh.astype(cache_k_bskh.dtype), start)
     cache_v_bskh = jax.lax.dynamic_update_slice(cache_v_bskh, v.reshape(b, t, k, h).astype(cache_v_bskh.dtype), start)
-    prefill_from_empty = isinstance(write_index, int) and write_index == 0
     out_btnh = attention_core(q_btnh, cache_k_bskh.astype(dtype), cache_v_bskh.astype(dtype), mask_b1ts, h ** -0.5,
-                              prefill_from_empty)
+                              write_index)
     x_btd = residual + jnp.einsum("bto,do->btd", out_btnh.reshape(b, t, n * h), p["o_w"].astype(dtype))
     residual = x_btd
     x = _rms_norm(cfg, p["post_norm"], x_btd).astype(dtype)

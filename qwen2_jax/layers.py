@@ -145,23 +145,30 @@ _CAUSAL_BLOCK = 64
 _MAX_CAUSAL_BLOCKS = 16  # bounds the unrolled program (and compile time) for long prompts
 
 
-def attention_core(q_btnh, k_bskh, v_bskh, mask_b1ts, scale, keys_start_at_query_0: bool):
-    """Softmax attention; with `keys_start_at_query_0` (key slot i is query i's own token, as in an
-    uncached forward or a prefill into an empty cache) masked-out keys past the last query are skipped
-    and, on CPU, queries run in causal blocks."""
+def attention_core(q_btnh, k_bskh, v_bskh, mask_b1ts, scale, write_index=None):
+    """Softmax attention. write_index: where this chunk's keys start in the cache, None when the keys
+    are the chunk's own (uncached). When they start at a static 0 (uncached, or a prefill into an empty
+    cache; traced indices are decode steps), key slot i is query i's own token: keys past the last query
+    are skipped and, on CPU, queries run in causal blocks."""
+    keys_start_at_query_0 = write_index is None or (isinstance(write_index, int) and write_index == 0)
+    out_dtype = q_btnh.dtype
+    if q_btnh.dtype == jnp.float16 and jax.default_backend() == "cpu":
+        # XLA:CPU has no F16_F16_F32 dot; float32 scores are what the fp16 path accumulates in anyway
+        q_btnh, k_bskh, v_bskh = (a.astype(jnp.float32) for a in (q_btnh, k_bskh, v_bskh))
     t = q_btnh.shape[1]
     if keys_start_at_query_0 and k_bskh.shape[1] > t:  # empty cache slots past the prompt: never visible
         k_bskh, v_bskh, mask_b1ts = k_bskh[:, :t], v_bskh[:, :t], mask_b1ts[..., :t]
     block = max(_CAUSAL_BLOCK, -(-t // _MAX_CAUSAL_BLOCKS))
     if not keys_start_at_query_0 or t <= block or jax.default_backend() != "cpu":
-        return jax.nn.dot_product_attention(q_btnh, k_bskh, v_bskh, mask=mask_b1ts, scale=scale, implementation=None)
+        out = jax.nn.dot_product_attention(q_btnh, k_bskh, v_bskh, mask=mask_b1ts, scale=scale, implementation=None)
+        return out.astype(out_dtype)
     outs = []
     for start in range(0, t, block):
         end = min(start + block, t)  # the mask is causal by slot: keys past `end` are invisible to this block
         outs.append(jax.nn.dot_product_attention(q_btnh[:, start:end], k_bskh[:, :end], v_bskh[:, :end],
                                                  mask=mask_b1ts[:, :, start:end, :end], scale=scale,
                                                  implementation=None))
-    return jnp.concatenate(outs, axis=1)
+    return jnp.concatenate(outs, axis=1).astype(out_dtype)
 
 
 class Attention(nn.Module):
@@ -193,8 +200,6 @@ class Attention(nn.Module):
         k_btkh = apply_rotary(k_btkh, cos_bth, sin_bth)
         q_btnh = self._constrain(q_btnh, ("batch", "length", "act_heads", None))
 
-        # static 0: an uncached forward or a prefill into an empty cache (traced indices are decode steps)
-        keys_start_at_query_0 = cache_k_bskh is None or (isinstance(write_index, int) and write_index == 0)
         if cache_k_bskh is not None:
             # Write this chunk into the cache at [write_index, write_index + t), then attend over it all.
             start = (0, write_index, 0, 0)
@@ -203,10 +208,8 @@ class Attention(nn.Module):
             keys, values = cache_k_bskh.astype(self.dtype), cache_v_bskh.astype(self.dtype)
         else:
             keys, values = k_btkh, v_btkh
-        if q_btnh.dtype == jnp.float16 and jax.default_backend() == "cpu":
-            # XLA:CPU has no F16_F16_F32 dot; float32 scores are what the fp16 path accumulates in anyway
-            q_btnh, keys, values = (a.astype(jnp.float32) for a in (q_btnh, keys, values))
-        out_btnh = attention_core(q_btnh, keys, values, mask_b1ts, h ** -0.5, keys_start_at_query_0).astype(self.dtype)
+        out_btnh = attention_core(q_btnh, keys, values, mask_b1ts, h ** -0.5,
+                                  None if cache_k_bskh is None else write_index).astype(self.dtype)
         out_btd = jnp.einsum("btnh,nhd->btd", out_btnh, wo.astype(self.dtype))
         return self._constrain(out_btd, ("batch", "length", "act_embed")), (cache_k_bskh, cache_v_bskh)
 

@@ -68,3 +68,13 @@ def test_float16_parameters_run_on_cpu():
     f16 = np.asarray(qwen2_jax.forward(TINY, params, ids))
     f32 = np.asarray(qwen2_jax.forward(TINY, jax.tree.map(lambda x: x.astype(jnp.float32), params), ids))
     assert np.abs(f16 - f32).max() < 5e-3 * np.abs(f32).max()
+
+
+def test_float16_parameters_generate_on_cpu():
+    """The same for generation, in both layer modes (the unstacked one has its own attention call site)."""
+    from qwen2_jax.generate import generate
+
+    params = init_params(TINY, jax.random.key(4), param_dtype=jnp.float16)
+    prompt = np.random.RandomState(4).randint(0, 96, 70).tolist()  # longer than one causal query block
+    tokens = {mode: generate(TINY, params, [prompt], 4, layer_mode=mode)[0] for mode in ("unstacked", "scan")}
+    assert tokens["unstacked"] == tokens["scan"] and len(tokens["scan"]) == 4

@@ -171,7 +171,7 @@ def test_blocked_attention_equals_one_block():
     pos = jnp.asarray(np.where(valid, np.cumsum(valid, 1) - 1, -1))
     for window in (None, 33):
         mask = attention_mask(jnp.arange(t), pos, jnp.arange(t), pos, window)
-        blocked = attention_core(q, kk, v, mask, 0.25, keys_start_at_query_0=True)
+        blocked = attention_core(q, kk, v, mask, 0.25)
         whole = jax.nn.dot_product_attention(q, kk, v, mask=mask, scale=0.25)
         real = valid
         np.testing.assert_allclose(np.asarray(blocked)[real], np.asarray(whole)[real], rtol=0, atol=1e-5)
