@@ -80,7 +80,7 @@ def make_train_step(objective: Objective, tx: optax.GradientTransformation, sche
                                       lambda x: x[0], micro_batches))))
             (grads, value, terms), _ = jax.lax.scan(
                 accumulate, (zeros, jnp.zeros((), jnp.float32), terms0), (micro_batches, jnp.arange(k)))
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": value, "lm_loss": terms["loss_sum"] / jnp.maximum(total_tokens, 1.0),
