@@ -13,7 +13,6 @@ padding). Attention masks are built from `pos` (valid keys, sliding windows) and
 from __future__ import annotations
 
 import flax.struct
-import jax
 import jax.numpy as jnp
 
 from qwen2_jax.config import Qwen2Config
