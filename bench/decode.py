@@ -12,7 +12,7 @@ Reported per batch size: end-to-end tokens/s (prefill + 32 steps, as HF generate
 decode-only time per step ((t(32 new) - t(1 new)) / 31), and at batch 1 the fraction of the memory
 roofline: (weight bytes read per step / measured read bandwidth) / measured step time. The read
 bandwidth is the best of a jitted matvec over a 512 MiB matrix and a sum over a 1 GiB array.
-`--layer-modes unstacked,scan` also times the nn.scan layer loop (the checkpoint layout as is).
+`--layer-layouts per_layer,stacked` also times the nn.scan layer loop (the checkpoint layout as is).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def parse(argv=None):
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=2, help="torch threads for HF")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--layer-modes", default="unstacked", help="comma list of unstacked,scan")
+    p.add_argument("--layer-layouts", default="per_layer", help="comma list of per_layer,stacked")
     p.add_argument("--no-hf", action="store_true")
     p.add_argument("--json", default=None, help="also write the results to this file")
     return p.parse_args(argv)
@@ -97,13 +97,13 @@ def main(argv=None):
     import jax.numpy as jnp
 
     from qwen2_jax.config import preset
-    from qwen2_jax.generate import generate, prepare_params
+    from qwen2_jax.generate import GenerateOptions, Generator
     from qwen2_jax.params import init_params
 
-    config = preset(args.preset).replace(eos_token_id=None)
+    config = preset(args.preset)
     dtype = jnp.dtype(args.dtype)
     batches = [int(b) for b in args.batch_sizes.split(",")]
-    modes = args.layer_modes.split(",")
+    modes = args.layer_layouts.split(",")
     device = jax.devices()[0]
     print(f"device: {device.platform} {device.device_kind}, {os.cpu_count()} CPUs; model {args.preset} {args.dtype}; "
           f"prompt {args.prompt_len}, new {args.new_tokens}, greedy; HF torch threads {args.threads}", flush=True)
@@ -118,8 +118,8 @@ def main(argv=None):
     embed_bytes = params["embed_tokens"].nbytes
     hf = None if args.no_hf else hf_model(config, args.dtype, args.threads)
 
-    def ours(p, mode, b, n):
-        return lambda: generate(config, p, prompts[b], n, eos_token_ids=[], layer_mode=mode)
+    def ours(generator, b, n):
+        return lambda: generator.generate(prompts[b], GenerateOptions(n, eos_token_ids=[]))
 
     def theirs(b, n):
         import torch
@@ -136,11 +136,11 @@ def main(argv=None):
     results = {"device": f"{device.platform} {device.device_kind}", "preset": args.preset, "dtype": args.dtype,
                "read_bandwidth_gbs": bw / 1e9, "rows": []}
     n = args.new_tokens
-    for mode in ["scan"] + [m for m in modes if m != "scan"] if "scan" in modes else modes:
-        if mode == "unstacked":
-            params = prepare_params(config, params, consume=True)
+    # the stacked generator runs the checkpoint params as they are; per_layer then moves them
+    for mode in ["stacked"] + [m for m in modes if m != "stacked"] if "stacked" in modes else modes:
+        generator = Generator(config, params, layer_layout=mode, consume=mode == "per_layer")
         for b in batches:
-            full, one = ours(params, mode, b, n), ours(params, mode, b, 1)
+            full, one = ours(generator, b, n), ours(generator, b, 1)
             full(), one()  # compile + warm up
             if hf is not None:
                 theirs(b, n)(), theirs(b, 1)()
@@ -151,7 +151,7 @@ def main(argv=None):
                 if hf is not None:
                     t_hf.append(best_time(theirs(b, n), 1))
                     t_hf1.append(best_time(theirs(b, 1), 1))
-            row = {"layer_mode": mode, "batch": b, "ours_s": min(t_ours), "ours_tok_s": b * n / min(t_ours),
+            row = {"layer_layout": mode, "batch": b, "ours_s": min(t_ours), "ours_tok_s": b * n / min(t_ours),
                    "ours_step_ms": 1e3 * (min(t_ours) - min(t_ours1)) / (n - 1)}
             step_s = row["ours_step_ms"] / 1e3
             row["ours_roofline_fraction"] = weight_bytes_per_step(config, params_bytes, embed_bytes, b) / bw / step_s

@@ -97,7 +97,7 @@ def convert(plan: CheckpointPlan, dst: str, max_shard_bytes: int, progress: Prog
         index = {"metadata": {"total_size": plan.total_bytes}, "weight_map": weight_map}
         with open(os.path.join(dst, INDEX_FILE), "w") as f:
             json.dump(index, f, indent=2)
-    plan.config.replace(torch_dtype=dtype.name).save_hf(dst)
+    plan.config.with_checkpoint_info(torch_dtype=dtype.name).save_hf(dst)
     for d in dict.fromkeys((plan.ckpt.directory, plan.ckpt.metadata_dir)):
         if oc.copy_assets(d, dst):
             break

@@ -2,8 +2,22 @@
 
 from qwen2_jax.checkpoint import load_checkpoint
 from qwen2_jax.config import ConfigError, Qwen2Config
-from qwen2_jax.forward import forward
-from qwen2_jax.generate import generate, generate_stream
+from qwen2_jax.forward import forward, forward_outputs
+from qwen2_jax.generate import GenerateOptions, Generator, generate, generate_outputs, generate_stream
+from qwen2_jax.options import RunOptions
 from qwen2_jax.safetensors_io import CheckpointError
 
-__all__ = ["Qwen2Config", "ConfigError", "CheckpointError", "load_checkpoint", "forward", "generate", "generate_stream"]
+__all__ = [
+    "Qwen2Config",
+    "ConfigError",
+    "CheckpointError",
+    "RunOptions",
+    "load_checkpoint",
+    "forward",
+    "forward_outputs",
+    "Generator",
+    "GenerateOptions",
+    "generate",
+    "generate_outputs",
+    "generate_stream",
+]

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from qwen2_jax import orbax_checkpoint
 from qwen2_jax.config import ConfigError, Qwen2Config
 from qwen2_jax.hf_keys import Entry, hf_table, is_ignored, leaf_shapes
 from qwen2_jax.params import param_shardings
@@ -58,8 +59,6 @@ def load_checkpoint(path: str | os.PathLike, dtype=None, mesh: Mesh | None = Non
     path = os.fspath(path)
     require_checkpoint_dir(path)
     target_dtype = parse_dtype(dtype)
-    from qwen2_jax import orbax_checkpoint
-
     if orbax_checkpoint.is_orbax_checkpoint(path):
         return orbax_checkpoint.restore(path, dtype=target_dtype, mesh=mesh)
     require_checkpoint_dir(path, config_hint=" (not an HF checkpoint) and no Orbax checkpoint")

@@ -50,8 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system message for --chat / --chat-template")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="convert the weights on load (default: keep the stored dtype)")
-    p.add_argument("--layer-mode", choices=["unstacked", "scan"], default=None,
-                   help="how the decode loop runs the layer stack (default: unstacked)")
+    p.add_argument("--layer-layout", choices=["per_layer", "stacked"], default="per_layer",
+                   help="how the decode loop holds the layer stack (default: per_layer)")
+    p.add_argument("--allow-context-overflow", action="store_true",
+                   help="let prompt + --max-new-tokens run past the model's context (max_position_embeddings)")
     p.add_argument("--quiet", action="store_true", help="no speed report on stderr")
     return p
 
@@ -133,6 +135,10 @@ class _Session:
         context = self.config.max_position_embeddings
         if len(ids) > context:
             raise UsageError(f"the {what} has {len(ids)} tokens, more than the model's context of {context} tokens")
+        if len(ids) + self.max_new_tokens > context and not self.args.allow_context_overflow:
+            raise UsageError(f"the {what} ({len(ids)} tokens) + --max-new-tokens {self.max_new_tokens} runs past the "
+                             f"model's context of {context} tokens (max_position_embeddings); lower "
+                             "--max-new-tokens or pass --allow-context-overflow")
         bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
         if bad:
             raise UsageError(f"token id {bad[0]} is outside the model's vocabulary [0, {self.config.vocab_size})")
@@ -140,7 +146,7 @@ class _Session:
     def load_params(self):
         if self.params is None:
             from qwen2_jax.checkpoint import load_checkpoint
-            from qwen2_jax.generate import prepare_params
+            from qwen2_jax.generate import Generator
 
             try:
                 config, params = load_checkpoint(self.args.checkpoint, dtype=self.args.dtype)
@@ -149,9 +155,8 @@ class _Session:
             except ValueError as e:  # CheckpointError, ConfigError: a malformed checkpoint
                 raise UsageError(str(e)) from None
             self.config = config
-            if (self.args.layer_mode or "unstacked") == "unstacked":
-                params = prepare_params(config, params, consume=True)  # peak memory: model + one leaf
-            self.params = params
+            # consume: the checkpoint params move into the generator (peak memory: model + one leaf)
+            self.params = Generator(config, params, layer_layout=self.args.layer_layout, consume=True)
         return self.params
 
     def text_of(self, tokens: Sequence[int]) -> str | None:
@@ -168,22 +173,22 @@ class _Session:
         return [t for t in tokens if t < size]
 
     def generate(self, ids: list[int], seed: int) -> list[int]:
-        from qwen2_jax.generate import generate
+        return self.load_params().generate([ids], self.request(seed))[0]
 
-        return generate(self.config, self.load_params(), [ids], self.max_new_tokens, seed=seed,
-                        eos_token_ids=self.eos, layer_mode=self.args.layer_mode, **self.sampling)[0]
+    def request(self, seed: int):
+        from qwen2_jax.generate import GenerateOptions
+
+        return GenerateOptions(self.max_new_tokens, seed=seed, eos_token_ids=self.eos,
+                               allow_context_overflow=self.args.allow_context_overflow, **self.sampling)
 
     def stream(self, ids: list[int], seed: int, out) -> list[int]:
         """Generate, writing text to `out` as tokens are made; return the tokens."""
-        from qwen2_jax.generate import generate_stream
-
-        params = self.load_params()
+        generator = self.load_params()
         decoder = self.tokenizer.decode_stream(skip_special_tokens=True) if self.tokenizer else None
         tokens: list[int] = []
         start = time.perf_counter()
         first = None
-        for column in generate_stream(self.config, params, [ids], self.max_new_tokens, seed=seed,
-                                      eos_token_ids=self.eos, layer_mode=self.args.layer_mode, **self.sampling):
+        for column in generator.stream([ids], self.request(seed)):
             if column[0] is None:
                 break
             tokens.append(column[0])
@@ -263,13 +268,15 @@ def _run_chat(session: _Session, args) -> int:
             continue
         history.append({"role": "user", "content": line})
         ids = tok.encode(tok.apply_chat_template(history, add_generation_prompt=True))
-        # Keep within the context: drop the oldest exchanges (a system message stays).
-        while len(ids) > session.config.max_position_embeddings and len(history) > 1 + bool(args.system):
+        # Keep prompt + reply within the context: drop the oldest exchanges (a system message stays).
+        context = session.config.max_position_embeddings
+        budget = context if args.allow_context_overflow else max(1, context - session.max_new_tokens)
+        while len(ids) > budget and len(history) > 1 + bool(args.system):
             del history[int(bool(args.system))]
             ids = tok.encode(tok.apply_chat_template(history, add_generation_prompt=True))
-        if len(ids) > session.config.max_position_embeddings:
-            print(f"{PROG}: message too long ({len(ids)} tokens, context {session.config.max_position_embeddings})",
-                  file=sys.stderr)
+        if len(ids) > budget:
+            print(f"{PROG}: message too long ({len(ids)} tokens; context {context}, "
+                  f"--max-new-tokens {session.max_new_tokens})", file=sys.stderr)
             history.pop()
             continue
         try:

@@ -24,13 +24,13 @@ import numpy as np
 
 
 def demo_config(layers: int = 4, hidden: int = 256):
-    from qwen2_jax.config import Qwen2Config
+    from qwen2_jax.config import CheckpointInfo, Qwen2Config
 
     heads = max(2, hidden // 64)
     return Qwen2Config(vocab_size=151936, hidden_size=hidden, intermediate_size=hidden * 11 // 4,
                        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
                        max_position_embeddings=32768, rope_theta=1000000.0, tie_word_embeddings=True,
-                       bos_token_id=151643, eos_token_id=151645, torch_dtype="float32")
+                       checkpoint_info=CheckpointInfo(bos_token_id=151643, eos_token_id=151645, torch_dtype="float32"))
 
 
 def write_random_checkpoint(directory: str, config, seed: int = 0) -> None:

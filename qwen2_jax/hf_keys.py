@@ -94,12 +94,10 @@ def _moe_entries(cfg: Qwen2Config, prefix: str, seg: str, j: int) -> list[Entry]
 
 
 def hf_table(cfg: Qwen2Config) -> list[Entry]:
-    from qwen2_jax.model import layer_segments
-
     d = cfg.hidden_size
     table = [Entry("model.embed_tokens.weight", ("embed_tokens",), (), (cfg.vocab_size, d), (cfg.vocab_size, d),
                    "identity")]
-    for seg, layer_ids in layer_segments(cfg):
+    for seg, layer_ids in cfg.layer_segments():
         for j, i in enumerate(layer_ids):
             prefix = f"model.layers.{i}"
             table += [

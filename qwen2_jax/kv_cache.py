@@ -1,10 +1,10 @@
 """The KV cache: an explicit pytree passed into and returned from jitted functions (and donated).
 
 Two layouts of the same data, matching the two ways of running the layer stack:
-- stacked (`Qwen2ForCausalLM`, nn.scan): one [layers, batch, slots, kv_heads, head_dim] array per
-  layer segment for keys and one for values;
-- per-layer (generation's unstacked decode, see generate.py): one [batch, slots, kv_heads, head_dim]
-  array per layer, so no step slices a layer out of a stacked buffer.
+- stacked (layer_layout "stacked", nn.scan): one [layers, batch, slots, kv_heads, head_dim] array
+  per layer segment for keys and one for values;
+- per-layer (layer_layout "per_layer"): one [batch, slots, kv_heads, head_dim] array per layer, so
+  no decode step slices a layer out of a stacked buffer.
 Both carry `pos` [batch, slots], the RoPE position of the token held in each slot (-1 = empty or
 padding). Attention masks are built from `pos` (valid keys, sliding windows) and slot order
 (causality), so a left-padded batch of prompts of different lengths shares one write index.
@@ -12,10 +12,7 @@ padding). Attention masks are built from `pos` (valid keys, sliding windows) and
 
 from __future__ import annotations
 
-import functools
-
 import flax.struct
-import jax
 import jax.numpy as jnp
 
 from qwen2_jax.config import Qwen2Config
@@ -47,30 +44,22 @@ def cache_shapes(config: Qwen2Config, batch_size: int, num_slots: int, per_layer
     shape = (batch_size, num_slots, config.num_key_value_heads, config.head_size)
     if per_layer:
         return [shape] * config.num_hidden_layers
-    from qwen2_jax.model import layer_segments
-
-    return [(len(layers),) + shape for _, layers in layer_segments(config)]
+    return [(len(layers),) + shape for _, layers in config.layer_segments()]
 
 
 def init_cache(config: Qwen2Config, batch_size: int, num_slots: int, dtype=jnp.bfloat16,
                per_layer: bool = False, sharding=None) -> KVCache:
-    """An empty cache (all slots pos -1). `sharding`: a ShardingContext to place it on its mesh
-    (batch over the data axes, kv heads over tensor)."""
-    return _init_fn(config, batch_size, num_slots, jnp.dtype(dtype), per_layer, sharding)()
-
-
-@functools.lru_cache(maxsize=64)
-def _init_fn(config: Qwen2Config, batch_size: int, num_slots: int, dtype, per_layer: bool, sharding):
+    """An empty cache (all slots pos -1), each array created straight into its sharding when
+    `sharding` (a ShardingContext) is given: batch over the data axes, kv heads over tensor."""
     shapes = cache_shapes(config, batch_size, num_slots, per_layer)
-
-    def make():
-        ks = tuple(jnp.zeros(s, dtype) for s in shapes)
-        vs = tuple(jnp.zeros(s, dtype) for s in shapes)
-        return KVCache(k=ks, v=vs, pos=jnp.full((batch_size, num_slots), -1, jnp.int32))
-
     if sharding is None:
-        return jax.jit(make)
-    return jax.jit(make, out_shardings=cache_shardings(config, batch_size, num_slots, per_layer, sharding))
+        placed = KVCache(k=(None,) * len(shapes), v=(None,) * len(shapes), pos=None)
+    else:
+        placed = cache_shardings(config, batch_size, num_slots, per_layer, sharding)
+    dtype = jnp.dtype(dtype)
+    return KVCache(k=tuple(jnp.zeros(s, dtype, device=d) for s, d in zip(shapes, placed.k)),
+                   v=tuple(jnp.zeros(s, dtype, device=d) for s, d in zip(shapes, placed.v)),
+                   pos=jnp.full((batch_size, num_slots), -1, jnp.int32, device=placed.pos))
 
 
 def cache_shardings(config: Qwen2Config, batch_size: int, num_slots: int, per_layer: bool, sharding):

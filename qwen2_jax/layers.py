@@ -1,8 +1,11 @@
 """Building blocks shared by dense Qwen2 and Qwen2-MoE: RMSNorm, rotary tables, attention, SwiGLU MLP.
 
 Shapes are in the names: b batch, t query length, s key length, d hidden, n query heads, k kv heads,
-h head_dim, f MLP width. Numerics follow HF transformers (facts §1): norms, rotary tables and the
-attention softmax in float32; everything else in the compute dtype.
+h head_dim, f MLP width. Numerics follow HF transformers: norms, rotary tables and the attention
+softmax in float32; everything else in the compute dtype.
+
+Every layer module reads its runtime choices from one `RunOptions`; `kernel_layout="out_in"` creates
+the attention and MLP kernels output-major (`OUT_IN_AXES` says how each one is permuted).
 """
 
 from __future__ import annotations
@@ -15,13 +18,44 @@ import jax
 import jax.numpy as jnp
 
 from qwen2_jax.config import Qwen2Config
-from qwen2_jax.sharding import ShardingContext
+from qwen2_jax.options import RunOptions
 
 Dtype = Any
 
+# Kernel name -> permutation from the checkpoint's [in, out] orientation to [out, in]. The same
+# permutation applies to the shape and to the logical axis names.
+OUT_IN_AXES = {
+    "q_kernel": (1, 2, 0),  # [d, n, h] -> [n, h, d]
+    "k_kernel": (1, 2, 0),
+    "v_kernel": (1, 2, 0),
+    "o_kernel": (2, 0, 1),  # [n, h, d] -> [d, n, h]
+    "gate_kernel": (1, 0),  # [d, f] -> [f, d]
+    "up_kernel": (1, 0),
+    "down_kernel": (1, 0),  # [f, d] -> [d, f]
+}
 
-def _param(module: nn.Module, name: str, init, shape, dtype, logical_axes):
+
+def param(module: nn.Module, name: str, init, shape, dtype, logical_axes):
     return module.param(name, nn.with_logical_partitioning(init, logical_axes), shape, dtype)
+
+
+def kernel(module: nn.Module, options: RunOptions, name: str, init, shape, logical_axes):
+    """A matmul kernel declared in [in, out] terms, created in the options' kernel layout."""
+    if options.transposed_kernels:
+        perm = OUT_IN_AXES[name]
+        shape, logical_axes = tuple(shape[i] for i in perm), tuple(logical_axes[i] for i in perm)
+    return param(module, name, init, shape, options.param_dtype, logical_axes)
+
+
+def project(x, w, in_out_spec: str, options: RunOptions, name: str):
+    """einsum of activations with the kernel `name`, whichever layout it is in. `in_out_spec` is
+    written for the [in, out] kernel (e.g. "btd,dnh->btnh"); out_in kernels permute its letters
+    as OUT_IN_AXES permutes the kernel."""
+    if options.transposed_kernels:
+        inputs, out = in_out_spec.split("->")
+        x_spec, w_spec = inputs.split(",")
+        in_out_spec = f"{x_spec},{''.join(w_spec[i] for i in OUT_IN_AXES[name])}->{out}"
+    return jnp.einsum(in_out_spec, x, w.astype(options.compute_dtype))
 
 
 def normal_init(config: Qwen2Config):
@@ -36,7 +70,7 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        scale = _param(self, "scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype, ("norm",))
+        scale = param(self, "scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype, ("norm",))
         x32 = x.astype(jnp.float32)
         var = jnp.mean(x32 * x32, axis=-1, keepdims=True)
         y = (x32 * jax.lax.rsqrt(var + self.eps)).astype(x.dtype)
@@ -74,7 +108,8 @@ def rope_inv_freq(config: Qwen2Config, max_position=None):
 
 
 def _yarn_inv_freq(config: Qwen2Config):
-    """transformers >= 4.56 YaRN (facts §2): static, with the user's factor honoured."""
+    """transformers >= 4.56 YaRN: static tables, with the user's factor honoured (older versions
+    recomputed the factor from max_position_embeddings)."""
     rope = config.rope_scaling
     dim = config.head_size
     base = config.rope_theta
@@ -173,79 +208,62 @@ def attention_core(q_btnh, k_bskh, v_bskh, mask_b1ts, scale, write_index=None):
 
 class Attention(nn.Module):
     config: Qwen2Config
-    dtype: Dtype
-    param_dtype: Dtype
-    sharding: ShardingContext | None = None
+    options: RunOptions
 
     @nn.compact
     def __call__(self, x_btd, cos_bth, sin_bth, mask_b1ts, cache_k_bskh=None, cache_v_bskh=None,
                  write_index=None):
-        cfg = self.config
+        cfg, opt = self.config, self.options
         d, n, k, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size
         init = normal_init(cfg)
-        wq = _param(self, "q_kernel", init, (d, n, h), self.param_dtype, ("embed", "q_heads", "head_dim"))
-        wk = _param(self, "k_kernel", init, (d, k, h), self.param_dtype, ("embed", "kv_heads", "head_dim"))
-        wv = _param(self, "v_kernel", init, (d, k, h), self.param_dtype, ("embed", "kv_heads", "head_dim"))
-        wo = _param(self, "o_kernel", init, (n, h, d), self.param_dtype, ("q_heads", "head_dim", "embed"))
-        x = x_btd.astype(self.dtype)
-        q_btnh = jnp.einsum("btd,dnh->btnh", x, wq.astype(self.dtype))
-        k_btkh = jnp.einsum("btd,dkh->btkh", x, wk.astype(self.dtype))
-        v_btkh = jnp.einsum("btd,dkh->btkh", x, wv.astype(self.dtype))
+        wq = kernel(self, opt, "q_kernel", init, (d, n, h), ("embed", "q_heads", "head_dim"))
+        wk = kernel(self, opt, "k_kernel", init, (d, k, h), ("embed", "kv_heads", "head_dim"))
+        wv = kernel(self, opt, "v_kernel", init, (d, k, h), ("embed", "kv_heads", "head_dim"))
+        wo = kernel(self, opt, "o_kernel", init, (n, h, d), ("q_heads", "head_dim", "embed"))
+        x = x_btd.astype(opt.compute_dtype)
+        q_btnh = project(x, wq, "btd,dnh->btnh", opt, "q_kernel")
+        k_btkh = project(x, wk, "btd,dkh->btkh", opt, "k_kernel")
+        v_btkh = project(x, wv, "btd,dkh->btkh", opt, "v_kernel")
         if cfg.qkv_bias:
-            zeros = nn.initializers.zeros
-            q_btnh += _param(self, "q_bias", zeros, (n, h), self.param_dtype, ("q_heads", "head_dim")).astype(self.dtype)
-            k_btkh += _param(self, "k_bias", zeros, (k, h), self.param_dtype, ("kv_heads", "head_dim")).astype(self.dtype)
-            v_btkh += _param(self, "v_bias", zeros, (k, h), self.param_dtype, ("kv_heads", "head_dim")).astype(self.dtype)
+            zeros, pd, dt = nn.initializers.zeros, opt.param_dtype, opt.compute_dtype
+            q_btnh += param(self, "q_bias", zeros, (n, h), pd, ("q_heads", "head_dim")).astype(dt)
+            k_btkh += param(self, "k_bias", zeros, (k, h), pd, ("kv_heads", "head_dim")).astype(dt)
+            v_btkh += param(self, "v_bias", zeros, (k, h), pd, ("kv_heads", "head_dim")).astype(dt)
         q_btnh = apply_rotary(q_btnh, cos_bth, sin_bth)
         k_btkh = apply_rotary(k_btkh, cos_bth, sin_bth)
-        q_btnh = self._constrain(q_btnh, ("batch", "length", "act_heads", None))
+        q_btnh = opt.constrain(q_btnh, ("batch", "length", "act_heads", None))
 
         if cache_k_bskh is not None:
             # Write this chunk into the cache at [write_index, write_index + t), then attend over it all.
             start = (0, write_index, 0, 0)
             cache_k_bskh = jax.lax.dynamic_update_slice(cache_k_bskh, k_btkh.astype(cache_k_bskh.dtype), start)
             cache_v_bskh = jax.lax.dynamic_update_slice(cache_v_bskh, v_btkh.astype(cache_v_bskh.dtype), start)
-            keys, values = cache_k_bskh.astype(self.dtype), cache_v_bskh.astype(self.dtype)
+            keys, values = cache_k_bskh.astype(opt.compute_dtype), cache_v_bskh.astype(opt.compute_dtype)
         else:
             keys, values = k_btkh, v_btkh
         out_btnh = attention_core(q_btnh, keys, values, mask_b1ts, h ** -0.5,
-                                  None if cache_k_bskh is None else write_index).astype(self.dtype)
-        out_btd = jnp.einsum("btnh,nhd->btd", out_btnh, wo.astype(self.dtype))
-        return self._constrain(out_btd, ("batch", "length", "act_embed")), (cache_k_bskh, cache_v_bskh)
-
-    def _constrain(self, x, names):
-        return self.sharding.constrain(x, names) if self.sharding is not None else x
+                                  None if cache_k_bskh is None else write_index).astype(opt.compute_dtype)
+        out_btd = project(out_btnh, wo, "btnh,nhd->btd", opt, "o_kernel")
+        return opt.constrain(out_btd, ("batch", "length", "act_embed")), (cache_k_bskh, cache_v_bskh)
 
 
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)), no biases."""
 
-    hidden_size: int
-    intermediate_size: int
     config: Qwen2Config
-    dtype: Dtype
-    param_dtype: Dtype
-    sharding: ShardingContext | None = None
+    options: RunOptions
+    intermediate_size: int
 
     @nn.compact
     def __call__(self, x_btd):
+        opt = self.options
         init = normal_init(self.config)
-        d, f = self.hidden_size, self.intermediate_size
-        w_gate = _param(self, "gate_kernel", init, (d, f), self.param_dtype, ("embed", "mlp"))
-        w_up = _param(self, "up_kernel", init, (d, f), self.param_dtype, ("embed", "mlp"))
-        w_down = _param(self, "down_kernel", init, (f, d), self.param_dtype, ("mlp", "embed"))
-        x = x_btd.astype(self.dtype)
-        gate_btf = jnp.einsum("...d,df->...f", x, w_gate.astype(self.dtype))
-        up_btf = jnp.einsum("...d,df->...f", x, w_up.astype(self.dtype))
-        hidden_btf = jax.nn.silu(gate_btf) * up_btf
-        if self.sharding is not None and hidden_btf.ndim == 3:
-            hidden_btf = self.sharding.constrain(hidden_btf, ("batch", "length", "act_mlp"))
-        return jnp.einsum("...f,fd->...d", hidden_btf, w_down.astype(self.dtype))
-
-
-def __getattr__(name):  # the MoE block lives in qwen2_jax/moe.py; lazy, since moe.py imports this module
-    if name == "SparseMoeBlock":
-        from qwen2_jax.moe import SparseMoeBlock
-
-        return SparseMoeBlock
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        d, f = self.config.hidden_size, self.intermediate_size
+        w_gate = kernel(self, opt, "gate_kernel", init, (d, f), ("embed", "mlp"))
+        w_up = kernel(self, opt, "up_kernel", init, (d, f), ("embed", "mlp"))
+        w_down = kernel(self, opt, "down_kernel", init, (f, d), ("mlp", "embed"))
+        x = x_btd.astype(opt.compute_dtype)
+        gate_btf = project(x, w_gate, "btd,df->btf", opt, "gate_kernel")
+        up_btf = project(x, w_up, "btd,df->btf", opt, "up_kernel")
+        hidden_btf = opt.constrain(jax.nn.silu(gate_btf) * up_btf, ("batch", "length", "act_mlp"))
+        return project(hidden_btf, w_down, "btf,fd->btd", opt, "down_kernel")

@@ -1,9 +1,13 @@
-"""The Qwen2 / Qwen2-MoE causal LM as Flax Linen modules.
+"""The Qwen2 / Qwen2-MoE causal LM as Flax Linen modules: one forward pass, two layer layouts.
 
-Decoder layers are stacked along a leading `layers` axis and run with `nn.scan`. A model whose layers
-differ in kind (MoE configs with `mlp_only_layers` or `decoder_sparse_step` > 1) is split into
-segments, maximal runs of consecutive layers of one kind, each scanned on its own: params["layers"]
-when there is one segment, params["layers_0"], params["layers_1"], ... otherwise.
+`options.layer_layout` chooses how the decoder layers are held and run, with the same `DecoderLayer`
+code either way:
+- "stacked": layers stacked along a leading `layers` axis and run with `nn.scan` (the checkpoint
+  layout; training). A model whose layers differ in kind (MoE configs with `mlp_only_layers` or
+  `decoder_sparse_step` > 1) is split into segments, maximal runs of consecutive layers of one kind,
+  each scanned on its own: params["layers"] for one segment, params["layers_0"], ... otherwise.
+- "per_layer": params["layer_0"], params["layer_1"], ...: a Python loop over one module per layer
+  (generation on CPU). `layouts.relayout` converts stacked params to it.
 """
 
 from __future__ import annotations
@@ -16,60 +20,44 @@ import jax.numpy as jnp
 
 from qwen2_jax.config import Qwen2Config
 from qwen2_jax.kv_cache import KVCache
-from qwen2_jax.layers import MLP, Attention, RMSNorm, _param, attention_mask, normal_init, rotary_tables
-from qwen2_jax.sharding import ShardingContext
+from qwen2_jax.layers import MLP, Attention, RMSNorm, attention_mask, normal_init, param, rotary_tables
+from qwen2_jax.moe import SparseMoeBlock
+from qwen2_jax.options import RunOptions
 
-Dtype = Any
+REMAT_POLICIES = {
+    "dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs, recompute elementwise ops
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep each layer's input only
+}
 
 
-def layer_segments(config: Qwen2Config) -> list[tuple[str, tuple[int, ...]]]:
-    """[(param name, layer indices)], consecutive layers grouped by whether their MLP is sparse."""
-    runs: list[list[int]] = []
-    for i in range(config.num_hidden_layers):
-        if runs and config.is_sparse_layer(runs[-1][-1]) == config.is_sparse_layer(i):
-            runs[-1].append(i)
-        else:
-            runs.append([i])
-    if len(runs) == 1:
-        return [("layers", tuple(runs[0]))]
-    return [(f"layers_{s}", tuple(r)) for s, r in enumerate(runs)]
+def per_layer_name(i: int) -> str:
+    return f"layer_{i}"
 
 
 class DecoderLayer(nn.Module):
     config: Qwen2Config
-    dtype: Dtype
-    param_dtype: Dtype
+    options: RunOptions
     sparse: bool = False
-    sharding: ShardingContext | None = None
     output_hidden_states: bool = False
     output_router_logits: bool = False
-    moe_impl: str = "auto"
-    moe_exchange: str = "auto"
 
     @nn.compact
-    def __call__(self, x_btd, cos_bth, sin_bth, mask_full, mask_sliding, write_index,
-                 is_sliding, cache_k, cache_v):
-        cfg = self.config
+    def __call__(self, x_btd, cos_bth, sin_bth, mask_full, mask_sliding, write_index, is_sliding, cache_k, cache_v):
+        cfg, opt = self.config, self.options
         mask = mask_full if mask_sliding is None else jnp.where(is_sliding, mask_sliding, mask_full)
         residual = x_btd
-        h = RMSNorm(cfg.rms_norm_eps, self.param_dtype, name="input_layernorm")(x_btd)
-        attn_out, (cache_k, cache_v) = Attention(cfg, self.dtype, self.param_dtype, self.sharding, name="self_attn")(
+        h = RMSNorm(cfg.rms_norm_eps, opt.param_dtype, name="input_layernorm")(x_btd)
+        attn_out, (cache_k, cache_v) = Attention(cfg, opt, name="self_attn")(
             h, cos_bth, sin_bth, mask, cache_k, cache_v, write_index)
         x_btd = residual + attn_out
         residual = x_btd
-        h = RMSNorm(cfg.rms_norm_eps, self.param_dtype, name="post_attention_layernorm")(x_btd)
+        h = RMSNorm(cfg.rms_norm_eps, opt.param_dtype, name="post_attention_layernorm")(x_btd)
         router_logits = None
         if self.sparse:
-            from qwen2_jax.layers import SparseMoeBlock
-
-            mlp_out, router_logits = SparseMoeBlock(cfg, self.dtype, self.param_dtype, self.sharding, self.moe_impl,
-                                                     self.moe_exchange, name="mlp")(h)
+            mlp_out, router_logits = SparseMoeBlock(cfg, opt, name="mlp")(h)
         else:
-            mlp_out = MLP(cfg.hidden_size, cfg.intermediate_size, cfg, self.dtype, self.param_dtype,
-                          self.sharding, name="mlp")(h)
-        x_btd = residual + mlp_out
-        if self.sharding is not None:
-            x_btd = self.sharding.constrain(x_btd, ("batch", "length", "act_embed"))
+            mlp_out = MLP(cfg, opt, cfg.intermediate_size, name="mlp")(h)
+        x_btd = opt.constrain(residual + mlp_out, ("batch", "length", "act_embed"))
         outputs = {"cache_k": cache_k, "cache_v": cache_v}
         if self.output_hidden_states:
             outputs["hidden"] = x_btd
@@ -78,41 +66,42 @@ class DecoderLayer(nn.Module):
         return x_btd, outputs
 
 
-class Qwen2ForCausalLM(nn.Module):
-    """Embedding, decoder segments, final norm, LM head (tied or not).
+def vocab_logits(x_btd, head, tied: bool, dtype):
+    """Float32 logits of final hidden states: head is the embedding [vocab, d] when tied, else the
+    LM head kernel [d, vocab]."""
+    spec = "btd,vd->btv" if tied else "btd,dv->btv"
+    return jnp.einsum(spec, x_btd.astype(dtype), head.astype(dtype), preferred_element_type=jnp.float32)
 
-    dtype is the compute dtype, param_dtype the dtype parameters are created in (init only: loaded
-    parameters keep their own dtype). scan_unroll > 1 unrolls the layer loop (1 = rolled scan).
-    moe_impl / moe_exchange choose the MoE grouped matmul and expert-parallel token exchange
-    (`qwen2_jax.moe.SparseMoeBlock`); "auto" picks by backend.
-    """
+
+def lm_head_logits(config: Qwen2Config, params, x_btd, dtype=None):
+    """The model's own LM head applied to final (normed) hidden states, e.g. chunk by chunk in a loss."""
+    head = params["embed_tokens"] if config.tie_word_embeddings else params["lm_head"]
+    return vocab_logits(x_btd, head, config.tie_word_embeddings, dtype or x_btd.dtype)
+
+
+class Qwen2ForCausalLM(nn.Module):
+    """Embedding, decoder layers, final norm, LM head (tied or not). See RunOptions for `options`."""
 
     config: Qwen2Config
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    sharding: ShardingContext | None = None
-    scan_unroll: int = 1
-    remat: bool = False
-    moe_impl: str = "auto"
-    moe_exchange: str = "auto"
+    options: RunOptions = RunOptions()
 
     @nn.compact
     def __call__(self, input_ids_bt, positions_bt, attention_mask_bt, cache: KVCache | None = None,
                  write_index=0, logits_index_b=None, output_hidden_states: bool = False,
-                 output_router_logits: bool = False):
-        """Returns a dict: logits [b, t, vocab] float32 (or [b, 1, vocab] at `logits_index_b`), and
-        `cache`, `hidden_states` (HF's convention: embeddings, each layer's output, the last one
-        after the final norm), `router_logits` when asked."""
-        cfg = self.config
-        embedding = _param(self, "embed_tokens", normal_init(cfg), (cfg.vocab_size, cfg.hidden_size),
-                           self.param_dtype, ("vocab", "embed"))
-        x_btd = jnp.take(embedding, input_ids_bt, axis=0).astype(self.dtype)
-        x_btd = self._constrain(x_btd, ("batch", "length", "act_embed"))
-        cos_bth, sin_bth = rotary_tables(cfg, positions_bt, self.dtype)
+                 output_router_logits: bool = False, return_logits: bool = True):
+        """Returns a dict: logits [b, t, vocab] float32 (or [b, 1, vocab] at `logits_index_b`; with
+        return_logits=False, `final_hidden` [b, t, d] after the final norm instead), and `cache`,
+        `hidden_states` (HF's convention: embeddings, each layer's output, the last one after the
+        final norm), `router_logits` when asked."""
+        cfg, opt = self.config, self.options
+        embedding = param(self, "embed_tokens", normal_init(cfg), (cfg.vocab_size, cfg.hidden_size),
+                          opt.param_dtype, ("vocab", "embed"))
+        x_btd = opt.constrain(jnp.take(embedding, input_ids_bt, axis=0).astype(opt.compute_dtype),
+                              ("batch", "length", "act_embed"))
+        cos_bth, sin_bth = rotary_tables(cfg, positions_bt, opt.compute_dtype)
 
         t = input_ids_bt.shape[1]
-        valid_bt = attention_mask_bt.astype(bool)
-        new_pos_bt = jnp.where(valid_bt, positions_bt, -1).astype(jnp.int32)
+        new_pos_bt = jnp.where(attention_mask_bt.astype(bool), positions_bt, -1).astype(jnp.int32)
         q_slot_t = write_index + jnp.arange(t)
         if cache is None:
             k_pos_bs, k_slot_s = new_pos_bt, jnp.arange(t)
@@ -120,62 +109,80 @@ class Qwen2ForCausalLM(nn.Module):
             k_pos_bs = jax.lax.dynamic_update_slice(cache.pos, new_pos_bt, (0, write_index))
             k_slot_s = jnp.arange(cache.num_slots)
         mask_full = attention_mask(q_slot_t, positions_bt, k_slot_s, k_pos_bs, None)
-        any_sliding = any(cfg.layer_is_sliding)
         mask_sliding = (attention_mask(q_slot_t, positions_bt, k_slot_s, k_pos_bs, cfg.sliding_window)
-                        if any_sliding else None)
+                        if any(cfg.layer_is_sliding) else None)
 
-        hidden_states = [x_btd] if output_hidden_states else None
-        router_logits = []
-        new_k, new_v = [], []
-        for s, (name, layer_ids) in enumerate(layer_segments(cfg)):
-            layer_cls = nn.remat(DecoderLayer, prevent_cse=False) if self.remat else DecoderLayer
+        layer_cls = DecoderLayer
+        if opt.remat != "none":
+            layer_cls = nn.remat(DecoderLayer, prevent_cse=False, policy=REMAT_POLICIES[opt.remat])
+        run = self._per_layer if opt.layer_layout == "per_layer" else self._stacked
+        x_btd, layer_outs = run(layer_cls, x_btd, cos_bth, sin_bth, mask_full, mask_sliding, write_index, cache,
+                                output_hidden_states, output_router_logits)
+
+        x_btd = RMSNorm(cfg.rms_norm_eps, opt.param_dtype, name="norm")(x_btd)
+        out: dict[str, Any] = {}
+        if output_hidden_states:
+            out["hidden_states"] = tuple(layer_outs["hidden"][:-1]) + (x_btd,)  # HF: the last is after the norm
+        if output_router_logits:
+            out["router_logits"] = tuple(layer_outs["router_logits"])
+        if cache is not None:
+            out["cache"] = KVCache(k=tuple(layer_outs["cache_k"]), v=tuple(layer_outs["cache_v"]), pos=k_pos_bs)
+        if logits_index_b is not None:
+            x_btd = jnp.take_along_axis(x_btd, logits_index_b[:, None, None], axis=1)
+        if cfg.tie_word_embeddings:
+            head = embedding
+        else:
+            head = param(self, "lm_head", normal_init(cfg), (cfg.hidden_size, cfg.vocab_size), opt.param_dtype,
+                         ("embed", "vocab"))
+        if return_logits:
+            logits = vocab_logits(x_btd, head, cfg.tie_word_embeddings, opt.compute_dtype)
+            out["logits"] = opt.constrain(logits, ("batch", "length", "act_vocab"))
+        else:
+            out["final_hidden"] = x_btd
+        return out
+
+    def _stacked(self, layer_cls, x_btd, cos_bth, sin_bth, mask_full, mask_sliding, write_index, cache,
+                 output_hidden_states, output_router_logits):
+        cfg, opt = self.config, self.options
+        outs: dict[str, list] = {"hidden": [x_btd], "router_logits": [], "cache_k": [], "cache_v": []}
+        for s, (name, layer_ids) in enumerate(cfg.layer_segments()):
             scanned = nn.scan(
                 layer_cls,
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
                 in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0, 0, 0),
                 length=len(layer_ids),
-                unroll=min(self.scan_unroll, len(layer_ids)),
+                unroll=min(opt.scan_unroll, len(layer_ids)),
                 metadata_params={nn.PARTITION_NAME: "layers"},
-            )(cfg, self.dtype, self.param_dtype, cfg.is_sparse_layer(layer_ids[0]), self.sharding,
-              output_hidden_states, output_router_logits, self.moe_impl, self.moe_exchange, name=name)
+            )(cfg, opt, cfg.is_sparse_layer(layer_ids[0]), output_hidden_states, output_router_logits, name=name)
             is_sliding_l = jnp.array([cfg.layer_is_sliding[i] for i in layer_ids])
             cache_k = cache.k[s] if cache is not None else None
             cache_v = cache.v[s] if cache is not None else None
-            x_btd, outs = scanned(x_btd, cos_bth, sin_bth, mask_full, mask_sliding, write_index,
-                                  is_sliding_l, cache_k, cache_v)
-            new_k.append(outs["cache_k"])
-            new_v.append(outs["cache_v"])
-            if output_hidden_states:
-                hidden_states.extend(outs["hidden"][i] for i in range(len(layer_ids)))
-            if "router_logits" in outs:
-                router_logits.extend(outs["router_logits"][i] for i in range(len(layer_ids)))
+            x_btd, seg = scanned(x_btd, cos_bth, sin_bth, mask_full, mask_sliding, write_index, is_sliding_l,
+                                 cache_k, cache_v)
+            outs["cache_k"].append(seg["cache_k"])
+            outs["cache_v"].append(seg["cache_v"])
+            for key in ("hidden", "router_logits"):
+                if key in seg:
+                    outs[key].extend(seg[key][j] for j in range(len(layer_ids)))
+        return x_btd, outs
 
-        x_btd = RMSNorm(cfg.rms_norm_eps, self.param_dtype, name="norm")(x_btd)
-        if output_hidden_states:
-            hidden_states[-1] = x_btd  # as HF: the last entry is after the final norm
-        if logits_index_b is not None:
-            x_btd = jnp.take_along_axis(x_btd, logits_index_b[:, None, None], axis=1)
-        if cfg.tie_word_embeddings:
-            logits = jnp.einsum("btd,vd->btv", x_btd, embedding.astype(self.dtype),
-                                preferred_element_type=jnp.float32)
-        else:
-            head = _param(self, "lm_head", normal_init(cfg), (cfg.hidden_size, cfg.vocab_size),
-                          self.param_dtype, ("embed", "vocab"))
-            logits = jnp.einsum("btd,dv->btv", x_btd, head.astype(self.dtype), preferred_element_type=jnp.float32)
-        logits = self._constrain(logits.astype(jnp.float32), ("batch", "length", "act_vocab"))
-
-        out: dict[str, Any] = {"logits": logits}
-        if cache is not None:
-            out["cache"] = KVCache(k=tuple(new_k), v=tuple(new_v), pos=k_pos_bs)
-        if output_hidden_states:
-            out["hidden_states"] = tuple(hidden_states)
-        if output_router_logits:
-            out["router_logits"] = tuple(router_logits)
-        return out
-
-    def _constrain(self, x, names):
-        return self.sharding.constrain(x, names) if self.sharding is not None else x
+    def _per_layer(self, layer_cls, x_btd, cos_bth, sin_bth, mask_full, mask_sliding, write_index, cache,
+                   output_hidden_states, output_router_logits):
+        cfg, opt = self.config, self.options
+        outs: dict[str, list] = {"hidden": [x_btd], "router_logits": [], "cache_k": [], "cache_v": []}
+        for i in range(cfg.num_hidden_layers):
+            mask = mask_sliding if cfg.layer_is_sliding[i] else mask_full
+            layer = layer_cls(cfg, opt, cfg.is_sparse_layer(i), output_hidden_states, output_router_logits,
+                              name=per_layer_name(i))
+            x_btd, one = layer(x_btd, cos_bth, sin_bth, mask, None, write_index, False,
+                               cache.k[i] if cache is not None else None, cache.v[i] if cache is not None else None)
+            outs["cache_k"].append(one["cache_k"])
+            outs["cache_v"].append(one["cache_v"])
+            for key in ("hidden", "router_logits"):
+                if key in one:
+                    outs[key].append(one[key])
+        return x_btd, outs
 
 
 def positions_from_mask(attention_mask_bt):

@@ -1,6 +1,6 @@
 """Qwen2-MoE sparse block: HF-exact routing, dropless grouped experts, expert parallelism, aux losses.
 
-Math (facts §3.2, transformers `Qwen2MoeSparseMoeBlock`):
+Math (transformers `Qwen2MoeSparseMoeBlock`):
     logits = x @ router                      [n, E] in the compute dtype
     p = softmax(float32(logits)); w, idx = top_k(p, k); w /= sum(w) only if norm_topk_prob
     routed = sum_j w_j * expert_{idx_j}(x)   experts summed in ascending expert id, in the compute dtype
@@ -28,13 +28,14 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from qwen2_jax.config import Qwen2Config
-from qwen2_jax.layers import MLP, _param, normal_init
+from qwen2_jax.layers import MLP, normal_init, param
+from qwen2_jax.options import MOE_EXCHANGES, MOE_IMPLS, RunOptions
 from qwen2_jax.sharding import ShardingContext
 
 Dtype = Any
 
-IMPLS = ("auto", "ragged_dot", "tiled")
-EXCHANGES = ("auto", "allgather", "ragged_all_to_all")
+IMPLS = MOE_IMPLS
+EXCHANGES = MOE_EXCHANGES
 
 
 # ------------------------------------------------------------------------------------------ routing
@@ -316,9 +317,9 @@ class _ExpertWeights(nn.Module):
     def __call__(self):
         init = normal_init(self.config)
         e, d, f = self.num_experts, self.hidden_size, self.intermediate_size
-        gate = _param(self, "gate_kernel", init, (e, d, f), self.param_dtype, ("experts", "embed", "expert_mlp"))
-        up = _param(self, "up_kernel", init, (e, d, f), self.param_dtype, ("experts", "embed", "expert_mlp"))
-        down = _param(self, "down_kernel", init, (e, f, d), self.param_dtype, ("experts", "expert_mlp", "embed"))
+        gate = param(self, "gate_kernel", init, (e, d, f), self.param_dtype, ("experts", "embed", "expert_mlp"))
+        up = param(self, "up_kernel", init, (e, d, f), self.param_dtype, ("experts", "embed", "expert_mlp"))
+        down = param(self, "down_kernel", init, (e, f, d), self.param_dtype, ("experts", "expert_mlp", "embed"))
         return gate, up, down
 
 
@@ -326,51 +327,44 @@ class SparseMoeBlock(nn.Module):
     """Router + dropless routed experts + sigmoid-gated shared expert. Returns (out [b, t, d],
     router logits [b, t, E] in the compute dtype).
 
-    impl: grouped matmul, "auto" | "ragged_dot" | "tiled" (see `grouped_ffn`).
-    exchange: how tokens reach expert shards under a mesh with expert > 1: "auto" (= "allgather")
-    | "allgather" | "ragged_all_to_all" (emulated with all-gathers on CPU).
+    options.moe_impl: grouped matmul, "auto" | "ragged_dot" | "tiled" (see `grouped_ffn`).
+    options.moe_exchange: how tokens reach expert shards under a mesh with expert > 1: "auto"
+    (= "allgather") | "allgather" | "ragged_all_to_all" (emulated with all-gathers on CPU).
     """
 
     config: Qwen2Config
-    dtype: Dtype
-    param_dtype: Dtype
-    sharding: ShardingContext | None = None
-    impl: str = "auto"
-    exchange: str = "auto"
+    options: RunOptions
 
     @nn.compact
     def __call__(self, x_btd):
-        cfg = self.config
+        cfg, opt = self.config, self.options
         b, t, d = x_btd.shape
         num_experts, k = cfg.num_experts, cfg.num_experts_per_tok
-        x = x_btd.astype(self.dtype)
+        x = x_btd.astype(opt.compute_dtype)
         with jax.named_scope("router"):
-            router = _param(self, "router_kernel", normal_init(cfg), (d, num_experts), self.param_dtype,
-                            ("embed", "router"))
-            logits_btE = jnp.einsum("btd,dE->btE", x, router.astype(self.dtype))
+            router = param(self, "router_kernel", normal_init(cfg), (d, num_experts), opt.param_dtype,
+                           ("embed", "router"))
+            logits_btE = jnp.einsum("btd,dE->btE", x, router.astype(opt.compute_dtype))
             weights_nk, idx_nk = route(logits_btE.reshape(b * t, num_experts), k, cfg.norm_topk_prob)
-        w_gate, w_up, w_down = _ExpertWeights(num_experts, d, cfg.moe_intermediate_size, cfg, self.param_dtype,
+        w_gate, w_up, w_down = _ExpertWeights(num_experts, d, cfg.moe_intermediate_size, cfg, opt.param_dtype,
                                               name="experts")()
-        w_gate, w_up, w_down = (w.astype(self.dtype) for w in (w_gate, w_up, w_down))
+        w_gate, w_up, w_down = (w.astype(opt.compute_dtype) for w in (w_gate, w_up, w_down))
         x_nd = x.reshape(b * t, d)
         with jax.named_scope("routed_experts"):
-            if self.sharding is None:
-                routed_nd = local_experts(x_nd, weights_nk, idx_nk, w_gate, w_up, w_down, 0, self.impl)
+            if opt.sharding is None:
+                routed_nd = local_experts(x_nd, weights_nk, idx_nk, w_gate, w_up, w_down, 0, opt.moe_impl)
             else:
-                routed_nd = sharded_experts(self.sharding, x_nd, weights_nk, idx_nk, w_gate, w_up, w_down,
-                                            self.impl, self.exchange)
+                routed_nd = sharded_experts(opt.sharding, x_nd, weights_nk, idx_nk, w_gate, w_up, w_down,
+                                            opt.moe_impl, opt.moe_exchange)
         out_btd = routed_nd.reshape(b, t, d)
         if cfg.shared_expert_intermediate_size > 0:
             with jax.named_scope("shared_expert"):
-                shared = MLP(d, cfg.shared_expert_intermediate_size, cfg, self.dtype, self.param_dtype, self.sharding,
-                             name="shared_expert")(x)
-                gate_kernel = _param(self, "shared_expert_gate_kernel", normal_init(cfg), (d, 1), self.param_dtype,
-                                     ("embed", None))
-                gate = jax.nn.sigmoid(jnp.einsum("btd,dz->btz", x, gate_kernel.astype(self.dtype)))
+                shared = MLP(cfg, opt, cfg.shared_expert_intermediate_size, name="shared_expert")(x)
+                gate_kernel = param(self, "shared_expert_gate_kernel", normal_init(cfg), (d, 1), opt.param_dtype,
+                                    ("embed", None))
+                gate = jax.nn.sigmoid(jnp.einsum("btd,dz->btz", x, gate_kernel.astype(opt.compute_dtype)))
                 out_btd = out_btd + gate * shared
-        if self.sharding is not None:
-            out_btd = self.sharding.constrain(out_btd, ("batch", "length", "act_embed"))
-        return out_btd, logits_btE
+        return opt.constrain(out_btd, ("batch", "length", "act_embed")), logits_btE
 
 
 # -------------------------------------------------------------------------------------- losses

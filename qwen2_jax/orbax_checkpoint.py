@@ -48,11 +48,11 @@ DTYPES = ("float32", "bfloat16", "float16")
 def write_checkpoint_files(directory: str, config: Qwen2Config, dtype: str, source: str,
                            assets_from: str | None = None) -> None:
     """config.json, the metadata file and the tokenizer / generation assets of a checkpoint."""
-    config.replace(torch_dtype=dtype).save_hf(directory)
+    config.with_checkpoint_info(torch_dtype=dtype).save_hf(directory)
     if assets_from:
         copy_assets(assets_from, directory)
     metadata = {"format_version": FORMAT_VERSION, "layout": LAYOUT, "dtype": dtype, "source": source,
-                "params_item": PARAMS_ITEM, "config": config.replace(torch_dtype=dtype).to_hf()}
+                "params_item": PARAMS_ITEM, "config": config.with_checkpoint_info(torch_dtype=dtype).to_hf()}
     with open(os.path.join(directory, METADATA_FILE), "w") as f:
         json.dump(metadata, f, indent=2)
 

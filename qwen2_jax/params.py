@@ -1,7 +1,9 @@
 """Abstract parameter shapes, their logical axes and shardings, and initialisation into shardings.
 
 Abstract first (`jax.eval_shape` of the model's init), then init or restore straight into the
-shardings derived from it: no host ever materialises a whole large model.
+shardings derived from it: no host ever materialises a whole large model. `options` chooses the
+layout (stacked or per-layer layers, [in, out] or [out, in] kernels); the default is the checkpoint
+layout.
 """
 
 from __future__ import annotations
@@ -15,13 +17,22 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from qwen2_jax.config import Qwen2Config
 from qwen2_jax.model import Qwen2ForCausalLM
+from qwen2_jax.options import RunOptions
 from qwen2_jax.sharding import ShardingContext, logical_axes_tree, shardings_for
 
 _DUMMY_T = 2
+CHECKPOINT_LAYOUT = RunOptions()
 
 
-def _init_fn(config: Qwen2Config, param_dtype):
-    model = Qwen2ForCausalLM(config, dtype=param_dtype, param_dtype=param_dtype)
+def _layout_options(options: RunOptions | None, param_dtype) -> RunOptions:
+    """Only the fields that shape the params matter here: layouts and param dtype."""
+    options = options or CHECKPOINT_LAYOUT
+    return RunOptions(dtype=param_dtype, param_dtype=param_dtype, layer_layout=options.layer_layout,
+                      kernel_layout=options.kernel_layout)
+
+
+def _init_fn(config: Qwen2Config, options: RunOptions):
+    model = Qwen2ForCausalLM(config, options)
     ids = jnp.zeros((1, _DUMMY_T), jnp.int32)
 
     def init(rng):
@@ -31,32 +42,35 @@ def _init_fn(config: Qwen2Config, param_dtype):
 
 
 @functools.lru_cache(maxsize=32)
-def _abstract_boxed(config: Qwen2Config, param_dtype):
-    return jax.eval_shape(_init_fn(config, param_dtype), jax.random.key(0))
+def _abstract_boxed(config: Qwen2Config, options: RunOptions):
+    return jax.eval_shape(_init_fn(config, options), jax.random.key(0))
 
 
-def abstract_params(config: Qwen2Config, param_dtype=jnp.float32):
+def abstract_params(config: Qwen2Config, param_dtype=jnp.float32, options: RunOptions | None = None):
     """ShapeDtypeStructs of the params tree (unboxed)."""
-    return nn.unbox(_abstract_boxed(config, jnp.dtype(param_dtype)))
+    return nn.unbox(_abstract_boxed(config, _layout_options(options, param_dtype)))
 
 
-def param_logical_axes(config: Qwen2Config):
+def param_logical_axes(config: Qwen2Config, options: RunOptions | None = None):
     """Logical axis names of every parameter leaf (a tree of tuples)."""
-    return logical_axes_tree(_abstract_boxed(config, jnp.dtype(jnp.float32)))
+    return logical_axes_tree(_abstract_boxed(config, _layout_options(options, jnp.float32)))
 
 
-def param_shardings(config: Qwen2Config, mesh: Mesh | None, param_dtype=jnp.float32):
-    abstract = abstract_params(config, param_dtype)
+def param_shardings(config: Qwen2Config, mesh: Mesh | None, param_dtype=jnp.float32,
+                    options: RunOptions | None = None):
+    abstract = abstract_params(config, param_dtype, options)
     if mesh is None:
         device = jax.devices()[0]
         return jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(device), abstract)
-    return shardings_for(ShardingContext(mesh), param_logical_axes(config), abstract)
+    return shardings_for(ShardingContext(mesh), param_logical_axes(config, options), abstract)
 
 
-def init_params(config: Qwen2Config, rng, mesh: Mesh | None = None, param_dtype=jnp.float32):
+def init_params(config: Qwen2Config, rng, mesh: Mesh | None = None, param_dtype=jnp.float32,
+                options: RunOptions | None = None):
     """Random params (HF's init: normal(initializer_range), biases 0, norms 1), created sharded."""
-    shardings = param_shardings(config, mesh, param_dtype)
-    init = jax.jit(lambda r: nn.unbox(_init_fn(config, jnp.dtype(param_dtype))(r)), out_shardings=shardings)
+    layout = _layout_options(options, jnp.dtype(param_dtype))
+    shardings = param_shardings(config, mesh, param_dtype, options)
+    init = jax.jit(lambda r: nn.unbox(_init_fn(config, layout)(r)), out_shardings=shardings)
     return init(rng)
 
 

@@ -242,7 +242,7 @@ def eos_ids_of(config, generation_config: Mapping[str, Any] | None = None) -> li
     """Stop tokens: generation_config.json's eos_token_id, else config.json's."""
     if generation_config and generation_config.get("eos_token_ids") is not None:
         return list(generation_config["eos_token_ids"])
-    return list(config.eos_token_ids)
+    return list(config.checkpoint_info.eos_token_ids)
 
 
 def as_int_list(ids: Sequence[Any], what: str) -> list[int]:

@@ -11,6 +11,7 @@ import dataclasses
 import math
 from typing import Any, Mapping, Sequence
 
+import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
@@ -144,8 +145,6 @@ def logical_to_spec(logical_axes: Sequence[str | None], rules, mesh: Mesh | None
 
 def logical_axes_tree(boxed_tree):
     """Logical axis names of every leaf of a tree of `nn.LogicallyPartitioned` boxes."""
-    import flax.linen as nn
-
     return jax.tree.map(lambda x: tuple(x.names) if isinstance(x, nn.LogicallyPartitioned) else None,
                         boxed_tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 

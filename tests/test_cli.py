@@ -85,13 +85,13 @@ def test_chat_keeps_history(ckpt, capsys, monkeypatch):
 
     path, _, _ = ckpt
     seen = []
-    real = gen.generate_stream
+    real = gen.Generator.stream
 
-    def spy(config, params, prompts, *a, **kw):
+    def spy(self, prompts, *a, **kw):
         seen.append(prompts[0])
-        return real(config, params, prompts, *a, **kw)
+        return real(self, prompts, *a, **kw)
 
-    monkeypatch.setattr(gen, "generate_stream", spy)
+    monkeypatch.setattr(gen.Generator, "stream", spy)
     monkeypatch.setattr(sys, "stdin", io.StringIO("Hi there\n\nSecond question\n"))
     rc, out, _ = _run(capsys, "--checkpoint", path, "--chat", "--max-new-tokens", "3", "--quiet")
     assert rc == 0 and len(seen) == 2 and out.count("\n") == 2

@@ -8,7 +8,7 @@ import torch
 import qwen2_jax
 from hf_utils import hf_dense_config, hf_logits, make_hf_model, rel_err
 from qwen2_jax.forward import forward
-from qwen2_jax.generate import TRACE_COUNTS, bucket, generate_outputs, generate_stream, prepare_params
+from qwen2_jax.generate import GenerateOptions, Generator, bucket, generate_outputs, generate_stream
 
 TOL = 1e-5
 # Lengths 5, 1, 16, 3: one prompt bucket (16) and one batch bucket (4) for most tests, so the
@@ -51,11 +51,11 @@ def _teacher_forced_check(model, prompt, tokens, logits=None):
         assert rel_err(logits, ref) < TOL
 
 
-@pytest.mark.parametrize("which, layer_mode", [("dense", "unstacked"), ("dense", "scan"), ("sliding", "unstacked")])
-def test_cached_decode_equals_uncached_forward_and_hf_argmax(which, layer_mode, request):
+@pytest.mark.parametrize("which, layer_layout", [("dense", "per_layer"), ("dense", "stacked"), ("sliding", "per_layer")])
+def test_cached_decode_equals_uncached_forward_and_hf_argmax(which, layer_layout, request):
     name, model, _, config, params = request.getfixturevalue("case" if which == "dense" else "sliding_case")
     new = 14
-    out = generate_outputs(config, params, PROMPTS, new, eos_token_ids=[], output_logits=True, layer_mode=layer_mode)
+    out = generate_outputs(config, params, PROMPTS, new, eos_token_ids=[], output_logits=True, layer_layout=layer_layout)
     # One uncached forward over every prompt + its tokens (right-padded).
     width = max(len(p) for p in PROMPTS) + new
     ids = np.zeros((len(PROMPTS), width), np.int32)
@@ -67,7 +67,7 @@ def test_cached_decode_equals_uncached_forward_and_hf_argmax(which, layer_mode, 
     for i, (prompt, tokens, logits) in enumerate(zip(PROMPTS, out["tokens"], out["logits"])):
         assert len(tokens) == new
         uncached = full[i, len(prompt) - 1:len(prompt) - 1 + new]
-        assert rel_err(logits, uncached) < TOL, (name, layer_mode)
+        assert rel_err(logits, uncached) < TOL, (name, layer_layout)
         assert (np.argmax(logits, -1) == np.array(tokens)).all()
         _teacher_forced_check(model, prompt, tokens, logits)
 
@@ -98,7 +98,7 @@ def test_stop_tokens_end_rows_independently(case):
     for row, full in zip(rows, free):
         cut = min([full.index(t) for t in two if t in full], default=len(full) - 1)
         assert row == full[:cut + 1]
-    with_default = qwen2_jax.generate(config.replace(eos_token_id=stop), params, PROMPTS, 12)
+    with_default = qwen2_jax.generate(config.with_checkpoint_info(eos_token_id=stop), params, PROMPTS, 12)
     assert with_default == stopped
 
 
@@ -122,13 +122,18 @@ def test_stream_equals_generate(case):
 def test_prompt_buckets_limit_compilations(case):
     _, _, _, config, params = case
     assert [bucket(n) for n in (1, 16, 17, 24, 25, 33, 49, 100)] == [16, 16, 24, 24, 32, 48, 64, 128]
-    qwen2_jax.generate(config, params, [[1, 2]], 3, top_k=10, temperature=0.5, seed=1)
-    before = TRACE_COUNTS["generate"]
+    generator = Generator(config, params)
+    generator.generate([[1, 2]], GenerateOptions(3, top_k=10, temperature=0.5, seed=1))
+    assert generator.trace_counts["generate"] == 1
     for n, new, temp, k in ((3, 5, 0.7, 5), (9, 2, 1.3, 20), (16, 16, 0.9, 31), (1, 11, 0.5, 1)):
-        qwen2_jax.generate(config, params, [list(range(1, n + 1))], new, temperature=temp, top_k=k, seed=n)
-    assert TRACE_COUNTS["generate"] == before  # one bucket: no new compilation
-    qwen2_jax.generate(config, params, [list(range(1, 18))], 3)
-    assert TRACE_COUNTS["generate"] == before + 1  # prompt bucket 24
+        generator.generate([list(range(1, n + 1))], GenerateOptions(new, temperature=temp, top_k=k, seed=n))
+    assert generator.trace_counts["generate"] == 1  # one bucket: no new compilation
+    generator.generate([list(range(1, 18))], GenerateOptions(3))
+    assert generator.trace_counts["generate"] == 2  # prompt bucket 24
+    # The function form finds the generator made for the same params: no compilation either.
+    other = Generator(config, params)
+    assert other.trace_counts["generate"] == 0  # a second generator owns its own programs
+    assert qwen2_jax.generate(config, generator, [[1, 2]], 3) == generator.generate([[1, 2]], GenerateOptions(3))
 
 
 def test_seeds_reproduce(case):
@@ -139,13 +144,13 @@ def test_seeds_reproduce(case):
     assert a != qwen2_jax.generate(config, params, PROMPTS, 8, seed=12, **kw)
 
 
-def test_prepared_params_and_max_new_tokens(case):
+def test_generator_layouts_and_max_new_tokens(case):
     _, _, _, config, params = case
     expect = qwen2_jax.generate(config, params, PROMPTS, 6, eos_token_ids=[])
-    prepared = prepare_params(config, params)
-    assert prepared.layout == "transposed"
-    assert qwen2_jax.generate(config, prepared, PROMPTS, 6, eos_token_ids=[]) == expect
-    module_layout = prepare_params(config, params, layout="module")
+    transposed = Generator(config, params)
+    assert transposed.options.kernel_layout == "out_in" and "layer_0" in transposed.params
+    assert transposed.generate(PROMPTS, GenerateOptions(6, eos_token_ids=[])) == expect
+    module_layout = Generator(config, params, kernel_layout="in_out")
     assert qwen2_jax.generate(config, module_layout, PROMPTS, 6, eos_token_ids=[]) == expect
     assert qwen2_jax.generate(config, params, PROMPTS, 0) == [[], [], [], []]
     assert [r[:3] for r in expect] == qwen2_jax.generate(config, params, PROMPTS, 3, eos_token_ids=[])
@@ -163,7 +168,7 @@ def test_prepared_params_and_max_new_tokens(case):
     (dict(prompts=[]), "prompts is empty"),
     (dict(prompts=[[1, 500]]), "outside the vocabulary"),
     (dict(prompts=[[1] * 257]), "context"),
-    (dict(layer_mode="nope"), "layer_mode"),
+    (dict(layer_layout="nope"), "layer_layout"),
 ])
 def test_invalid_arguments_raise(case, kwargs, match):
     _, _, _, config, params = case
@@ -194,7 +199,7 @@ def test_sharded_scan_generation_equals_single_device(case):
     _, _, path, config, params = case
     expect = qwen2_jax.generate(config, params, PROMPTS, 8, eos_token_ids=[])
     _, sharded = qwen2_jax.load_checkpoint(path, mesh=make_mesh(fsdp=4, tensor=2, devices=jax.devices()[:8]))
-    assert qwen2_jax.generate(config, sharded, PROMPTS, 8, eos_token_ids=[], layer_mode="scan") == expect
+    assert qwen2_jax.generate(config, sharded, PROMPTS, 8, eos_token_ids=[], layer_layout="stacked") == expect
 
 
 def test_greedy_with_repetition_penalty_matches_hf(case):
@@ -212,15 +217,47 @@ def test_greedy_with_repetition_penalty_matches_hf(case):
         assert scores[tok] >= scores.max() - 1e-5 * max(1.0, np.abs(scores).max())
 
 
-@pytest.mark.parametrize("layer_mode", ["unstacked", "scan"])
-def test_long_prompts_decode_equals_uncached_forward(layer_mode, sliding_case):
+@pytest.mark.parametrize("layer_layout", ["per_layer", "stacked"])
+def test_long_prompts_decode_equals_uncached_forward(layer_layout, sliding_case):
     """Prompts longer than attention's causal query blocks: the blocked prefill feeds the same cache."""
     _, model, _, config, params = sliding_case
     rng = np.random.RandomState(9)
     prompts = [rng.randint(0, config.vocab_size, 130).tolist(), rng.randint(0, config.vocab_size, 70).tolist()]
     new = 5
-    out = generate_outputs(config, params, prompts, new, eos_token_ids=[], output_logits=True, layer_mode=layer_mode)
+    out = generate_outputs(config, params, prompts, new, eos_token_ids=[], output_logits=True, layer_layout=layer_layout)
     for prompt, tokens, logits in zip(prompts, out["tokens"], out["logits"]):
         full = np.asarray(forward(config, params, np.array([prompt + tokens])))[0]
         assert rel_err(logits, full[len(prompt) - 1:len(prompt) - 1 + new]) < TOL
         _teacher_forced_check(model, prompt, tokens)
+
+
+def test_requests_past_the_context_are_refused_unless_allowed(case):
+    _, _, _, config, params = case  # max_position_embeddings 256
+    with pytest.raises(ValueError, match=r"5 tokens \+ max_new_tokens 252 .* context of 256"):
+        qwen2_jax.generate(config, params, [[1, 2, 3, 4, 5]], 252)
+    assert len(qwen2_jax.generate(config, params, [[1, 2, 3, 4, 5]], 251, eos_token_ids=[])[0]) == 251
+    rows = qwen2_jax.generate(config, params, [[1, 2, 3, 4, 5]], 254, eos_token_ids=[], allow_context_overflow=True)
+    assert len(rows[0]) == 254
+
+
+def test_function_form_reuses_and_releases_generators():
+    """The function form keeps a generator only while the caller's params are alive."""
+    import gc
+    import importlib
+
+    import jax
+
+    from qwen2_jax.params import init_params
+
+    generate_module = importlib.import_module("qwen2_jax.generate")  # the package exports a function of that name
+
+    config = qwen2_jax.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    params = init_params(config, jax.random.key(0))
+    first = generate_module.generator_for(config, params)
+    assert generate_module.generator_for(config, params) is first
+    assert generate_module.generator_for(config, dict(params)) is first  # same arrays, another dict
+    held = len(generate_module._GENERATORS)
+    del params, first
+    gc.collect()
+    assert len(generate_module._GENERATORS) == held - 1

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from qwen2_jax.options import RunOptions
 import qwen2_jax
 from hf_utils import hf_logits, make_hf_model, rel_err
 from qwen2_jax.forward import forward_outputs
@@ -219,7 +220,7 @@ def test_converted_orbax_checkpoint_matches_hf(tmp_path, tmp_path_factory):
 
 
 def test_forward_selects_moe_impl_and_exchange(tmp_path_factory):
-    """forward_outputs(moe_impl=..., moe_exchange=...) reaches every sparse layer; all choices equal HF."""
+    """RunOptions(moe_impl=..., moe_exchange=...) reaches every sparse layer; all choices equal HF."""
     from qwen2_jax.sharding import make_mesh
 
     _, model, path = _build("k2", tmp_path_factory)
@@ -229,12 +230,12 @@ def test_forward_selects_moe_impl_and_exchange(tmp_path_factory):
     ref = hf_logits(model, ids, mask)
     real = mask.astype(bool)
     for impl in ("ragged_dot", "tiled"):
-        out = np.asarray(forward_outputs(config, params, ids, mask, moe_impl=impl)["logits"])
+        out = np.asarray(forward_outputs(config, params, ids, mask, options=RunOptions(moe_impl=impl))["logits"])
         assert rel_err(out[real], ref[real]) < TOL, impl
     _, sharded = qwen2_jax.load_checkpoint(path, mesh=make_mesh(data=2, expert=4))
-    out = np.asarray(forward_outputs(config, sharded, ids, mask, moe_exchange="ragged_all_to_all")["logits"])
+    out = np.asarray(forward_outputs(config, sharded, ids, mask, options=RunOptions(moe_exchange="ragged_all_to_all"))["logits"])
     assert rel_err(out[real], ref[real]) < TOL
     with pytest.raises(ValueError, match="unknown moe_impl 'fast'"):
-        forward_outputs(config, params, ids, mask, moe_impl="fast")
+        forward_outputs(config, params, ids, mask, options=RunOptions(moe_impl="fast"))
     with pytest.raises(ValueError, match="unknown moe_exchange"):
-        forward_outputs(config, params, ids, mask, moe_exchange="nccl")
+        forward_outputs(config, params, ids, mask, options=RunOptions(moe_exchange="nccl"))

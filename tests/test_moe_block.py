@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from qwen2_jax.config import Qwen2Config, preset
+from qwen2_jax.options import RunOptions
 from qwen2_jax.moe import SparseMoeBlock, grouped_ffn, local_experts, route
 from qwen2_jax.sharding import ShardingContext, make_mesh
 
@@ -80,12 +81,12 @@ def test_grouped_ffn_zeroes_rows_past_the_groups():
 
 @jax.jit
 def _reference(params, x):
-    return SparseMoeBlock(CFG, jnp.float32, jnp.float32).apply({"params": params}, x)
+    return SparseMoeBlock(CFG, RunOptions()).apply({"params": params}, x)
 
 
 def _init_block():
     x = jax.random.normal(jax.random.key(1), (4, 6, CFG.hidden_size))
-    params = nn.unbox(SparseMoeBlock(CFG, jnp.float32, jnp.float32).init(jax.random.key(0), x)["params"])
+    params = nn.unbox(SparseMoeBlock(CFG, RunOptions()).init(jax.random.key(0), x)["params"])
     return x, params
 
 
@@ -128,7 +129,7 @@ def test_expert_parallel_equals_one_device(name):
     ref, ref_logits = _reference(params, x)
     mesh = make_mesh(**axes, devices=jax.devices()[:int(np.prod(list(axes.values())))])
     ctx = ShardingContext(mesh)
-    block = SparseMoeBlock(CFG, jnp.float32, jnp.float32, ctx, exchange=exchange)
+    block = SparseMoeBlock(CFG, RunOptions(sharding=ctx, moe_exchange=exchange))
     run = jax.jit(lambda p, x: block.apply({"params": p}, x))
     # 24 tokens: split over the expert axis (tokens exchanged); 6 tokens on expert >= 4: replicated (psum)
     for xx, rr in ((x, ref), (x[:1], ref[:1])):
@@ -148,10 +149,10 @@ def test_gradients_equal_across_paths():
             return jnp.sum(out * cot) + 0.1 * jnp.sum(jax.nn.log_softmax(logits))
         return jax.jit(jax.grad(f, argnums=(0, 1)))
 
-    ref = loss(SparseMoeBlock(CFG, jnp.float32, jnp.float32, impl="ragged_dot"))(params, x)
+    ref = loss(SparseMoeBlock(CFG, RunOptions(moe_impl="ragged_dot")))(params, x)
     mesh = make_mesh(data=2, expert=4)
-    for block in (SparseMoeBlock(CFG, jnp.float32, jnp.float32, impl="tiled"),
-                  SparseMoeBlock(CFG, jnp.float32, jnp.float32, ShardingContext(mesh), exchange="allgather")):
+    for block in (SparseMoeBlock(CFG, RunOptions(moe_impl="tiled")),
+                  SparseMoeBlock(CFG, RunOptions(sharding=ShardingContext(mesh), moe_exchange="allgather"))):
         got = loss(block)(params, x)
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
             assert np.all(np.isfinite(np.asarray(a)))
@@ -179,7 +180,7 @@ def test_bfloat16_paths_run_and_agree():
     p16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
     scale = float(jnp.abs(ref).max())
     for impl in ("ragged_dot", "tiled"):
-        out, logits = jax.jit(lambda p, x: SparseMoeBlock(CFG, jnp.bfloat16, jnp.bfloat16, impl=impl).apply(
+        out, logits = jax.jit(lambda p, x: SparseMoeBlock(CFG, RunOptions(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, moe_impl=impl)).apply(
             {"params": p}, x))(p16, x.astype(jnp.bfloat16))
         assert out.dtype == jnp.bfloat16 and logits.dtype == jnp.bfloat16
         # bf16 rounding can flip a near-tied expert choice for a token or two; the bulk must agree

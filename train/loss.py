@@ -19,10 +19,10 @@ import jax.numpy as jnp
 import optax
 
 from qwen2_jax.config import Qwen2Config
-from qwen2_jax.forward import compute_dtype_of, validated_batch
+from qwen2_jax.forward import sharding_of, validated_batch
 from qwen2_jax.model import Qwen2ForCausalLM, positions_from_mask
 from qwen2_jax.moe import load_balancing_loss, router_z_loss
-from qwen2_jax.sharding import ShardingContext, mesh_of
+from qwen2_jax.options import RunOptions
 
 IGNORE_INDEX = -100  # HF's ignore_index: label positions that do not count
 
@@ -52,10 +52,10 @@ def next_token_cross_entropy(logits_btv, labels_bt, attention_mask_bt=None):
     return jnp.sum(jnp.where(valid_bt, token_loss_bt, 0.0)), jnp.sum(valid_bt).astype(jnp.float32)
 
 
-def make_loss_fn(config: Qwen2Config, *, dtype=jnp.float32, param_dtype=None, sharding: ShardingContext | None = None,
-                 remat: bool = False, z_loss_coef: float = 0.0, aux_loss_coef: float | None = None,
-                 moe_impl: str = "auto", moe_exchange: str = "auto"):
-    """A pure `loss_fn(params, batch) -> (loss, metrics)`.
+def make_loss_fn(config: Qwen2Config, options: RunOptions | None = None, *, z_loss_coef: float = 0.0,
+                 aux_loss_coef: float | None = None):
+    """A pure `loss_fn(params, batch) -> (loss, metrics)`; `options` says how the model runs (compute
+    and param dtype, remat, MoE kernels, sharding; default: float32 on one device).
 
     batch: dict with `input_ids` [b, t], optional `attention_mask` [b, t] (1 real, 0 padding; positions
     count real tokens only) and optional `labels` [b, t] (default: inputs with padding ignored).
@@ -63,8 +63,7 @@ def make_loss_fn(config: Qwen2Config, *, dtype=jnp.float32, param_dtype=None, sh
     padding excluded from the aux statistics, and `z_loss_coef * z` when z_loss_coef > 0."""
     if z_loss_coef < 0:
         raise ValueError(f"z_loss_coef must be >= 0, got {z_loss_coef}")
-    model = Qwen2ForCausalLM(config, dtype=dtype, param_dtype=param_dtype or dtype, sharding=sharding, remat=remat,
-                             moe_impl=moe_impl, moe_exchange=moe_exchange)
+    model = Qwen2ForCausalLM(config, options or RunOptions())
     is_moe = config.num_experts > 0 and any(config.is_sparse_layer(i) for i in range(config.num_hidden_layers))
     coef = config.router_aux_loss_coef if aux_loss_coef is None else aux_loss_coef
 
@@ -94,10 +93,10 @@ def make_loss_fn(config: Qwen2Config, *, dtype=jnp.float32, param_dtype=None, sh
     return loss_fn
 
 
-@functools.lru_cache(maxsize=16)
-def _compiled_loss(config, dtype, sharding, z_loss_coef, aux_loss_coef, with_grad: bool):
-    fn = make_loss_fn(config, dtype=dtype, sharding=sharding, z_loss_coef=z_loss_coef, aux_loss_coef=aux_loss_coef)
-    return jax.jit(jax.value_and_grad(fn, has_aux=True) if with_grad else fn)
+@functools.partial(jax.jit, static_argnames=("config", "options", "z_loss_coef", "aux_loss_coef", "with_grad"))
+def _loss(params, batch, *, config, options, z_loss_coef, aux_loss_coef, with_grad: bool):
+    fn = make_loss_fn(config, options, z_loss_coef=z_loss_coef, aux_loss_coef=aux_loss_coef)
+    return jax.value_and_grad(fn, has_aux=True)(params, batch) if with_grad else fn(params, batch)
 
 
 def causal_lm_loss(config: Qwen2Config, params, input_ids, attention_mask=None, labels=None, *,
@@ -109,8 +108,6 @@ def causal_lm_loss(config: Qwen2Config, params, input_ids, attention_mask=None, 
     left padding these are HF's default positions), except that predictions made at padding positions
     never count (HF counts the one before the first real token of a left-padded row)."""
     batch = validated_batch(config, input_ids, attention_mask=attention_mask, labels=labels)
-    mesh = mesh_of(params)
-    sharding = ShardingContext(mesh) if mesh is not None else None
-    dtype = compute_dtype_of(params)
-    fn = _compiled_loss(config, dtype, sharding, float(z_loss_coef), aux_loss_coef, with_grad)
-    return fn(params, batch)
+    options = RunOptions().for_params(params, sharding_of(params))
+    return _loss(params, batch, config=config, options=options, z_loss_coef=float(z_loss_coef),
+                 aux_loss_coef=aux_loss_coef, with_grad=with_grad)
