@@ -48,7 +48,7 @@ def _chunked(setup, chunk_length, z_loss_coef=0.0):
 
 
 def _reference(setup, z_loss_coef=0.0):
-    fn = make_loss_fn(setup.config, sharding=setup.sharding, z_loss_coef=z_loss_coef)
+    fn = make_loss_fn(setup.config, setup.options, z_loss_coef=z_loss_coef)
     return jax.jit(jax.value_and_grad(fn, has_aux=True))
 
 

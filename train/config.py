@@ -282,7 +282,7 @@ def validate(config: TrainConfig) -> None:
 def _validate_model_overrides(overrides: Mapping[str, Any]) -> None:
     from qwen2_jax.config import Qwen2Config
 
-    known = {f.name for f in dataclasses.fields(Qwen2Config)}
+    known = {f.name for f in dataclasses.fields(Qwen2Config)} - {"checkpoint_info"}
     for key in overrides:
         if key not in known:
             raise ConfigKeyError(f"unknown config key {'model_overrides.' + str(key)!r} "

@@ -19,16 +19,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from qwen2_jax.checkpoint import is_hf_dir, load_checkpoint
 from qwen2_jax.config import ConfigError, Qwen2Config, preset
-from qwen2_jax.model import Qwen2ForCausalLM, positions_from_mask
+from qwen2_jax.model import Qwen2ForCausalLM, positions_from_mask, vocab_logits
 from qwen2_jax.moe import load_balancing_loss, router_z_loss
+from qwen2_jax.options import RunOptions
 from qwen2_jax.orbax_checkpoint import is_orbax_checkpoint, params_handler, params_save_args, write_checkpoint_files
 from qwen2_jax.params import abstract_params, init_params, param_shardings
 from qwen2_jax.sharding import MESH_AXES, ShardingContext, ShardingError, make_mesh
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-# Remat "dots": keep the outputs of matmuls without batch dimensions (the projections), recompute the
-# rest (norms, activations, attention scores) in the backward pass.
-DOTS_POLICY = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,15 +98,14 @@ class ModelSetup:
                  remat: str = "none", scan_unroll: int = 1, moe_impl: str = "auto", moe_exchange: str = "auto"):
         self.config = config
         self.mesh = mesh
-        self.dtype = jnp.dtype(DTYPES[dtype])
-        self.param_dtype = jnp.dtype(DTYPES[param_dtype])
-        self.remat = remat
         self.sharding = ShardingContext(mesh)
-        # Per-layer "full" remat is the model's own switch (nn.remat around each scanned layer); "dots"
-        # wraps the trunk in jax.checkpoint with a policy, which JAX applies inside the layer scan too.
-        self.module = Qwen2ForCausalLM(config, dtype=self.dtype, param_dtype=self.param_dtype, sharding=self.sharding,
-                                       scan_unroll=scan_unroll, remat=(remat == "full"), moe_impl=moe_impl,
-                                       moe_exchange=moe_exchange)
+        # the checkpoint layout (stacked layers, [in, out] kernels): what training saves and restores
+        self.options = RunOptions(dtype=DTYPES[dtype], param_dtype=DTYPES[param_dtype], remat=remat,
+                                  scan_unroll=scan_unroll, moe_impl=moe_impl, moe_exchange=moe_exchange,
+                                  sharding=self.sharding)
+        self.param_dtype = self.options.param_dtype
+        self.dtype = self.options.compute_dtype
+        self.module = Qwen2ForCausalLM(config, self.options)
 
     @property
     def is_moe(self) -> bool:
@@ -117,14 +114,14 @@ class ModelSetup:
 
     # ------------------------------------------------------------------------------------ params
     def abstract_params(self):
-        return abstract_params(self.config, self.param_dtype)
+        return abstract_params(self.config, self.param_dtype, self.options)
 
     def param_shardings(self):
-        return param_shardings(self.config, self.mesh, self.param_dtype)
+        return param_shardings(self.config, self.mesh, self.param_dtype, self.options)
 
     def init_params(self, seed: int):
         """Fresh parameters (HF's init), each created on its devices by a jitted init with out_shardings."""
-        return init_params(self.config, jax.random.key(seed), self.mesh, self.param_dtype)
+        return init_params(self.config, jax.random.key(seed), self.mesh, self.param_dtype, self.options)
 
     def load_params(self, path: str):
         """Parameters of a checkpoint (HF or Orbax), restored straight into their shardings."""
@@ -139,37 +136,22 @@ class ModelSetup:
 
     # ------------------------------------------------------------------------------- the forward
     def trunk(self, params, input_ids_bt, attention_mask_bt, rng=None):
-        """(final normed hidden states [b, t, d] in the compute dtype, router logits per sparse layer).
-
-        The module's logits are computed but never used, so XLA removes them; the hidden states come
-        from capturing the output of the final norm. rng feeds the "dropout" stream (Qwen2 has no
+        """(final normed hidden states [b, t, d], router logits per sparse layer): the model without its
+        LM head, which the chunked loss applies itself. rng feeds the "dropout" stream (Qwen2 has no
         dropout in training today; the stream is there so a model that gains one gets its key)."""
-        rngs = {"dropout": rng} if rng is not None else None
-
-        def run(params, input_ids_bt, attention_mask_bt):
-            out, state = self.module.apply(
-                {"params": params}, input_ids_bt, positions_from_mask(attention_mask_bt), attention_mask_bt,
-                output_router_logits=self.is_moe, rngs=rngs,
-                capture_intermediates=lambda mdl, method: mdl.path == ("norm",) and method == "__call__")
-            hidden_btd = state["intermediates"]["norm"]["__call__"][0]
-            return hidden_btd, tuple(out.get("router_logits", ()))
-
-        if self.remat == "dots":
-            run = jax.checkpoint(run, policy=DOTS_POLICY, prevent_cse=False)
-        return run(params, input_ids_bt, attention_mask_bt)
+        out = self.module.apply({"params": params}, input_ids_bt, positions_from_mask(attention_mask_bt),
+                                attention_mask_bt, output_router_logits=self.is_moe, return_logits=False,
+                                rngs={"dropout": rng} if rng is not None else None)
+        return out["final_hidden"], tuple(out.get("router_logits", ()))
 
     def lm_head(self, params):
-        """(weight, layout): the output projection as stored, "vd" (tied embedding) or "dv" (lm_head)."""
-        if self.config.tie_word_embeddings:
-            return params["embed_tokens"], "vd"
-        return params["lm_head"], "dv"
+        """The output projection as stored: the embedding [vocab, d] when tied, else lm_head [d, vocab]."""
+        return params["embed_tokens"] if self.config.tie_word_embeddings else params["lm_head"]
 
-    def logits(self, hidden_btd, head, layout):
-        """float32 logits of hidden states, computed exactly as the model's own LM head does."""
-        head = head.astype(self.dtype)
-        equation = "btd,vd->btv" if layout == "vd" else "btd,dv->btv"
-        logits_btv = jnp.einsum(equation, hidden_btd, head, preferred_element_type=jnp.float32)
-        return self.sharding.constrain(logits_btv.astype(jnp.float32), ("batch", "length", "act_vocab"))
+    def logits(self, hidden_btd, head):
+        """float32 logits of final hidden states, by the model's own LM head."""
+        logits_btv = vocab_logits(hidden_btd, head, self.config.tie_word_embeddings, self.dtype)
+        return self.sharding.constrain(logits_btv, ("batch", "length", "act_vocab"))
 
     def constrain_hidden(self, x_btd):
         return self.sharding.constrain(x_btd, ("batch", "length", "act_embed"))

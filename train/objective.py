@@ -43,10 +43,10 @@ class Objective:
         setup = self.setup
         input_ids_bt, mask_bt, targets_bt, valid_bt = self.inputs(batch)
         hidden_btd, router_logits = setup.trunk(params, input_ids_bt, mask_bt, rng=rng)
-        head, layout = setup.lm_head(params)
+        head = setup.lm_head(params)
 
         def logits_fn(hidden_bcd, head):
-            return setup.logits(setup.constrain_hidden(hidden_bcd), head, layout)
+            return setup.logits(setup.constrain_hidden(hidden_bcd), head)
 
         loss_sum, tokens = chunked_cross_entropy(hidden_btd, head, logits_fn, targets_bt, valid_bt,
                                                  self.loss.chunk_length)
