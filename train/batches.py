@@ -8,6 +8,8 @@ holds the whole batch on its devices. `Corpus` is the one place that calls the d
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from typing import Any, Iterator, Protocol
 
@@ -32,27 +34,45 @@ class DataProvider(Protocol):
                       process_count: int) -> Iterator[dict[str, np.ndarray]]: ...
 
 
-class Corpus:
-    """The tokenized corpus of `data.sources` (the built-in real-text corpus when empty), prepared into
-    `data.cache_dir` on first use and reused afterwards."""
+class CorpusError(ValueError):
+    """Sources that cannot be prepared (unsupported file, empty directory): bad input, exit status 2."""
 
-    def __init__(self, cfg: DataConfig, seq_len: int):
+
+class Corpus:
+    """The tokenized corpus of `data.sources` (the built-in real-text corpus when empty), prepared on
+    first use into `<data.cache_dir>/prepared/<name>` and reused afterwards. The name carries the
+    sources, seq_len and split options, so runs with other settings never overwrite each other."""
+
+    def __init__(self, cfg: DataConfig, seq_len: int, *, progress: bool = True):
         from train import data
 
-        sources = list(cfg.sources) if cfg.sources else data.default_corpus_sources()
+        cache_dir = os.path.expanduser(cfg.cache_dir)
+        sources = [os.path.abspath(os.path.expanduser(s)) for s in cfg.sources]
         for source in sources:
-            if not os.path.exists(os.path.expanduser(source)):
+            if not os.path.exists(source):
                 raise FileNotFoundError(f"corpus not found: {source}")
-        self.data_dir = data.ensure_prepared(sources, os.path.expanduser(cfg.cache_dir), seq_len)
+        try:
+            if not sources:
+                sources = [str(p) for p in data.default_corpus_sources(cache_dir)]
+            options = {"sources": sources, "seq_len": seq_len, "text_key": cfg.text_key,
+                       "eval_sequences": cfg.eval_sequences}
+            digest = hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:12]
+            label = os.path.splitext(os.path.basename(sources[0]))[0] if len(sources) == 1 else "corpus"
+            self.data_dir = os.path.join(cache_dir, "prepared", f"{label}-{seq_len}-{digest}")
+            kwargs = {"eval_sequences": cfg.eval_sequences} if cfg.eval_sequences is not None else {}
+            data.ensure_prepared(sources, self.data_dir, seq_len=seq_len, text_key=cfg.text_key, progress=progress,
+                                 **kwargs)
+        except ValueError as e:
+            raise CorpusError(f"corpus: {e}") from None
         self._data = data
 
     def train_iterator(self, *, global_batch_size, seed, process_index, process_count):
-        return self._data.make_train_iterator(self.data_dir, "train", global_batch_size=global_batch_size, seed=seed,
+        return self._data.make_train_iterator(self.data_dir, global_batch_size=global_batch_size, seed=seed,
                                               process_index=process_index, process_count=process_count)
 
     def eval_iterator(self, *, global_batch_size, process_index, process_count):
-        return self._data.make_eval_iterator(self.data_dir, global_batch_size=global_batch_size,
-                                             process_index=process_index, process_count=process_count)
+        return iter(self._data.make_eval_iterator(self.data_dir, global_batch_size=global_batch_size,
+                                                  process_index=process_index, process_count=process_count))
 
 
 def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding, global_batch_size: int) -> dict[str, jax.Array]:

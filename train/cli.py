@@ -50,6 +50,7 @@ def main(argv=None) -> int:
         return prepare_main(argv[1:])
     from qwen2_jax.config import ConfigError
     from qwen2_jax.safetensors_io import CheckpointError
+    from train.batches import CorpusError
     from train.config import ConfigKeyError
     from train.loop import NonFiniteError
     from train.loop import UsageError as RunUsageError
@@ -66,7 +67,8 @@ def main(argv=None) -> int:
 
         train(config)
         return EXIT_OK
-    except (UsageError, RunUsageError, ConfigKeyError, ConfigError, CheckpointError, FileNotFoundError) as e:
+    except (UsageError, RunUsageError, ConfigKeyError, ConfigError, CheckpointError, CorpusError,
+            FileNotFoundError) as e:
         _error(e)
         return EXIT_USAGE
     except NonFiniteError as e:

@@ -67,8 +67,10 @@ class LossConfig:
 class DataConfig:
     """Where the tokens come from. Empty `sources` means the built-in small real-text corpus."""
 
-    sources: tuple[str, ...] = ()
+    sources: tuple[str, ...] = ()  # .txt / .jsonl files or directories of them
     cache_dir: str = "~/.cache/qwen2-jax/data"  # prepared token shards, reused across runs
+    text_key: str = "text"  # the JSONL field holding the text
+    eval_sequences: int | None = None  # held-out rows; None = the pipeline's default fraction
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +97,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     async_checkpoints: bool = True
     eval_every: int = 0  # 0 = never
-    eval_batches: int = 4
+    eval_batches: int = 4  # held-out batches per evaluation; 0 = the whole held-out split
     progress: bool = True  # one progress line per logged step on stdout
     # sections
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
@@ -253,7 +255,7 @@ def validate(config: TrainConfig) -> None:
     need(config.batch_size % config.grad_accum_steps == 0, "grad_accum_steps",
          f"must divide batch_size ({config.batch_size}), got {config.grad_accum_steps}")
     need(config.eval_every >= 0, "eval_every", f"must be >= 0, got {config.eval_every}")
-    need(config.eval_batches >= 1, "eval_batches", f"must be >= 1, got {config.eval_batches}")
+    need(config.eval_batches >= 0, "eval_batches", f"must be >= 0 (0 = all), got {config.eval_batches}")
     need(config.seed >= 0, "seed", f"must be >= 0, got {config.seed}")
     need(bool(config.model), "model", "must name a preset, a config.json or a checkpoint directory")
     need(bool(config.output_dir), "output_dir", "must not be empty")

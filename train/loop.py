@@ -93,9 +93,10 @@ def build_run(config: TrainConfig) -> Run:
     shardings = state_shardings(setup, tx, replicated)
     batch_sharding = ms.batch_sharding(mesh)
     objective = Objective(setup, config.loss)
+    # one sharding for every field of a batch (input_ids, and attention_mask in held-out batches)
     train_step = jit_train_step(make_train_step(objective, tx, schedule, config.grad_accum_steps), shardings,
-                                {"input_ids": batch_sharding}, replicated)
-    eval_step = jit_eval_step(make_eval_step(objective), shardings.params, {"input_ids": batch_sharding}, replicated)
+                                batch_sharding, replicated)
+    eval_step = jit_eval_step(make_eval_step(objective), shardings.params, batch_sharding, replicated)
     return Run(config, setup, tx, schedule, shardings, batch_sharding, replicated, train_step, eval_step, source)
 
 
@@ -122,7 +123,7 @@ def train(config: TrainConfig, data: DataProvider | None = None, log=print) -> d
     whether it stopped early on SIGTERM."""
     start_time = time.perf_counter()
     run = build_run(config)
-    data = data if data is not None else Corpus(config.data, config.seq_len)
+    data = data if data is not None else Corpus(config.data, config.seq_len, progress=config.progress)
     store = CheckpointStore(config.output_dir, keep=config.keep_checkpoints, async_saves=config.async_checkpoints)
     try:
         return _train(run, data, store, start_time, log)
@@ -211,6 +212,8 @@ def _train(run: Run, data: DataProvider, store: CheckpointStore, start_time: flo
             store.wait()
     finally:
         logger.close()
+        if hasattr(train_iter, "close"):
+            train_iter.close()  # the pipeline's prefetch threads
     return {"step": step, "metrics": last_metrics, "stopped_early": stopped_early}
 
 
@@ -230,10 +233,8 @@ def evaluate(run: Run, data: DataProvider, params) -> dict[str, float]:
     it = data.eval_iterator(global_batch_size=config.batch_size, process_index=jax.process_index(),
                             process_count=jax.process_count())
     loss_sum, tokens = 0.0, 0.0
-    for _ in range(config.eval_batches):
-        try:
-            local = next(it)
-        except StopIteration:
+    for i, local in enumerate(it):
+        if config.eval_batches and i >= config.eval_batches:
             break
         s, n = run.eval_step(params, global_batch(local, run.batch_sharding, config.batch_size))
         loss_sum += float(s)
