@@ -1,4 +1,4 @@
-"""Tests for qwen2_jax.tokenizer against tiktoken, Qwen's published ids and transformers."""
+"""Tests for qwen2_jax.tokenizer and tokenizer_build against tiktoken, Qwen's published ids and transformers."""
 
 from __future__ import annotations
 
@@ -15,12 +15,11 @@ tiktoken = pytest.importorskip("tiktoken")
 
 from tokenizers import Tokenizer  # noqa: E402
 
-from qwen2_jax.tokenizer import (  # noqa: E402
+from qwen2_jax.tokenizer import Qwen2Tokenizer, load_tokenizer  # noqa: E402
+from qwen2_jax.tokenizer_build import (  # noqa: E402
     QWEN2_CHAT_TEMPLATE,
-    Qwen2Tokenizer,
     build_tokenizer_config,
     load_tiktoken_ranks,
-    load_tokenizer,
     qwen_tiktoken_path,
     write_qwen2_tokenizer,
 )
@@ -29,7 +28,8 @@ from qwen2_jax.tokenizer import (  # noqa: E402
 # in the module cannot make the tiktoken comparison agree with itself.
 # Qwen's PAT_STR (single-digit \p{N}, unlike cl100k's \p{N}{1,3}).
 QWEN_PATTERN = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
+    r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
 SPECIAL_TOKENS = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645}
 
@@ -42,7 +42,10 @@ SAMPLES = {
     "russian": "Привет, мир! Съешь же ещё этих мягких французских булок.",
     "thai": "สวัสดีชาวโลก ภาษาไทยไม่มีช่องว่างระหว่างคำ",
     "hindi": "नमस्ते दुनिया, यह एक परीक्षण है।",
-    "python": 'def f(x: int) -> int:\n    """Doc."""\n    if x >= 10:\n\t\treturn x ** 2  # square\n    return {"k": [1, 2]}\n',
+    "python": (
+        'def f(x: int) -> int:\n    """Doc."""\n    if x >= 10:\n\t\treturn x ** 2  # square\n'
+        '    return {"k": [1, 2]}\n'
+    ),
     "emoji": "I ❤️ 🦀 and 🐍! 👍🏽 👨‍👩‍👧‍👦 🏳️‍🌈 🇨🇳🇺🇸🇯🇵 😀😀😀",
     "combining": "e\u0301 a\u0308 n\u0303 Z\u0335\u0321\u0327a\u0336l\u0337g\u0338o \u1100\u1161\u11a8 A\u030a",
     "digits": "12345 3.14159 1,000,000 ٠١٢٣٤٥ １２３ 2024-06-07 99999999999999999999",
@@ -139,9 +142,7 @@ def ranks():
 
 @pytest.fixture(scope="session")
 def tiktoken_enc(ranks):
-    return tiktoken.Encoding(
-        "qwen2", pat_str=QWEN_PATTERN, mergeable_ranks=ranks, special_tokens=dict(SPECIAL_TOKENS)
-    )
+    return tiktoken.Encoding("qwen2", pat_str=QWEN_PATTERN, mergeable_ranks=ranks, special_tokens=dict(SPECIAL_TOKENS))
 
 
 @pytest.fixture(scope="session")
@@ -233,7 +234,7 @@ def test_matches_tiktoken_on_long_document(tok, tiktoken_enc):
 def test_bpe_model_reproduces_every_vocab_token(tok, ranks):
     # tiktoken returns a piece that is itself a token unchanged; the HF BPE
     # (ignore_merges=False) must reach the same token through the merges.
-    table = {b: c for b, c in zip(range(256), _byte_chars())}
+    table = {b: c for b, c in zip(range(256), _byte_chars(), strict=True)}
     model = tok.backend.model
     wrong = [r for b, r in ranks.items() if [t.id for t in model.tokenize("".join(table[x] for x in b))] != [r]]
     assert not wrong, f"{len(wrong)} tokens not reproduced, first rank {wrong[0]}"
@@ -399,7 +400,7 @@ def test_transformers_ids_match(tok, hf_tok, corpus):
     texts = list(SAMPLES.values()) + corpus[:1000] + ["<|im_start|>user\nhi<|im_end|>"]
     hf_ids = hf_tok(texts, add_special_tokens=True)["input_ids"]
     ours = [tok.encode(t) for t in texts]
-    bad = [t for t, a, b in zip(texts, ours, hf_ids) if a != b]
+    bad = [t for t, a, b in zip(texts, ours, hf_ids, strict=True) if a != b]
     assert not bad, f"{len(bad)} mismatches, first: {bad[0]!r}"
     assert hf_tok.decode(ours[0]) == tok.decode(ours[0])
 
