@@ -190,7 +190,9 @@ def open_checkpoint(path: str) -> OrbaxCheckpoint:
             metadata = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{meta_path}: unreadable metadata ({e})") from None
-    if not isinstance(metadata, dict) or metadata.get("format_version") != FORMAT_VERSION:
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{meta_path}: unreadable metadata (not a JSON object)")
+    if metadata.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
             f"{meta_path}: unsupported format_version {metadata.get('format_version')!r} "
             f"(this qwen2-jax reads {FORMAT_VERSION})"
