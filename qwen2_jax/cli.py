@@ -16,21 +16,14 @@ import sys
 import time
 from typing import Any, Sequence
 
+from qwen2_jax.cli_support import ArgumentParser, UsageError, run_cli
+
 PROG = "qwen2-generate"
 DEFAULT_MAX_NEW_TOKENS = 256
 
 
-class UsageError(Exception):
-    """Bad input: exit 2 with the message on one line."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (argparse would print the whole usage too)
-        raise UsageError(f"{message} (see {PROG} --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Generate text with a Qwen2 checkpoint (HF directory or Orbax).")
+    p = ArgumentParser(prog=PROG, description="Generate text with a Qwen2 checkpoint (HF directory or Orbax).")
     p.add_argument("--checkpoint", required=True, help="HF directory (config.json + safetensors) or Orbax checkpoint")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text (tokenized with the checkpoint's tokenizer)")
@@ -120,7 +113,7 @@ class _Session:
         if not self._has_tokenizer():
             if required:
                 raise UsageError(f"{self.args.checkpoint} has no tokenizer.json: use --prompt-ids, or add the "
-                                 "tokenizer files (qwen2_jax.tokenizer.write_qwen2_tokenizer)")
+                                 "tokenizer files (qwen2_jax.tokenizer_build.write_qwen2_tokenizer)")
             return None
         try:
             return load_tokenizer(self.args.checkpoint)
@@ -289,24 +282,14 @@ def _run_chat(session: _Session, args) -> int:
         turn += 1
 
 
+def _main(argv: Sequence[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    session = _Session(args)
+    return _run_chat(session, args) if args.chat else _run_prompt(session, args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-        session = _Session(args)
-        return _run_chat(session, args) if args.chat else _run_prompt(session, args)
-    except UsageError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        return 1
-    except Exception as e:  # noqa: BLE001 - the contract is one line and exit 1
-        if os.environ.get("QWEN2_JAX_DEBUG"):
-            raise
-        print(f"{PROG}: error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
+    return run_cli(PROG, _main, argv)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ import json
 import os
 from typing import Any, Mapping
 
+from qwen2_jax import atomic
+
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen2_moe")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "yarn")
 
@@ -180,8 +182,4 @@ def fields_to_hf(fields: Mapping[str, Any], info: CheckpointInfo) -> dict[str, A
 
 def save_config_json(hf_dict: Mapping[str, Any], directory: str | os.PathLike) -> None:
     os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, "config.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(dict(hf_dict), f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    atomic.write_json(os.path.join(directory, "config.json"), dict(hf_dict), sort_keys=True)
