@@ -128,13 +128,13 @@ class _Session:
         context = self.config.max_position_embeddings
         if len(ids) > context:
             raise UsageError(f"the {what} has {len(ids)} tokens, more than the model's context of {context} tokens")
+        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise UsageError(f"token id {bad[0]} is outside the model's vocabulary [0, {self.config.vocab_size})")
         if len(ids) + self.max_new_tokens > context and not self.args.allow_context_overflow:
             raise UsageError(f"the {what} ({len(ids)} tokens) + --max-new-tokens {self.max_new_tokens} runs past the "
                              f"model's context of {context} tokens (max_position_embeddings); lower "
                              "--max-new-tokens or pass --allow-context-overflow")
-        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
-        if bad:
-            raise UsageError(f"token id {bad[0]} is outside the model's vocabulary [0, {self.config.vocab_size})")
 
     def load_params(self):
         if self.params is None:
