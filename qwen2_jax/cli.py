@@ -16,7 +16,12 @@ import sys
 import time
 from typing import Any, Sequence
 
+from qwen2_jax.checkpoint import load_checkpoint, require_checkpoint_dir
 from qwen2_jax.cli_support import ArgumentParser, UsageError, run_cli
+from qwen2_jax.config import Qwen2Config
+from qwen2_jax.generate import GenerateOptions, Generator
+from qwen2_jax.sampling import eos_ids_of, load_generation_config, validate
+from qwen2_jax.tokenizer import load_tokenizer
 
 PROG = "qwen2-generate"
 DEFAULT_MAX_NEW_TOKENS = 256
@@ -60,8 +65,6 @@ def _parse_ids(text: str) -> list[int]:
 
 
 def _sampling_args(args, gen: dict[str, Any]) -> dict[str, Any]:
-    from qwen2_jax.sampling import validate
-
     def pick(flag, key):
         return flag if flag is not None else gen.get(key)
 
@@ -81,10 +84,6 @@ class _Session:
     """Checkpoint, tokenizer and settings: loaded once, used for one prompt or a whole chat."""
 
     def __init__(self, args):
-        from qwen2_jax.checkpoint import require_checkpoint_dir
-        from qwen2_jax.config import Qwen2Config
-        from qwen2_jax.sampling import eos_ids_of, load_generation_config
-
         self.args = args
         path = args.checkpoint
         try:
@@ -108,8 +107,6 @@ class _Session:
         return os.path.exists(os.path.join(self.args.checkpoint, "tokenizer.json"))
 
     def _load_tokenizer(self, required: bool):
-        from qwen2_jax.tokenizer import load_tokenizer
-
         if not self._has_tokenizer():
             if required:
                 raise UsageError(f"{self.args.checkpoint} has no tokenizer.json: use --prompt-ids, or add the "
@@ -138,9 +135,6 @@ class _Session:
 
     def load_params(self):
         if self.params is None:
-            from qwen2_jax.checkpoint import load_checkpoint
-            from qwen2_jax.generate import Generator
-
             try:
                 config, params = load_checkpoint(self.args.checkpoint, dtype=self.args.dtype)
             except FileNotFoundError as e:
@@ -169,8 +163,6 @@ class _Session:
         return self.load_params().generate([ids], self.request(seed))[0]
 
     def request(self, seed: int):
-        from qwen2_jax.generate import GenerateOptions
-
         return GenerateOptions(self.max_new_tokens, seed=seed, eos_token_ids=self.eos,
                                allow_context_overflow=self.args.allow_context_overflow, **self.sampling)
 
