@@ -19,12 +19,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 
 def main() -> int:
-    import jax
     import tempfile
+
+    import jax
+    from transformers import Qwen2MoeConfig
 
     import qwen2_jax
     from hf_utils import hf_dense_config, hf_logits, make_hf_model, rel_err
-    from transformers import Qwen2MoeConfig
 
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()})", flush=True)
     rng = np.random.RandomState(0)
@@ -33,14 +34,27 @@ def main() -> int:
     mask[1, :13] = 0  # left padding
     mask[2, 30:] = 0  # right padding
     real = mask.astype(bool)
-    moe_cfg = Qwen2MoeConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                             num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
-                             shared_expert_intermediate_size=48, decoder_sparse_step=1, mlp_only_layers=[1])
+    moe_cfg = Qwen2MoeConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=48,
+        decoder_sparse_step=1,
+        mlp_only_layers=[1],
+    )
     cases = {
         "dense gqa2": (hf_dense_config(), False),
-        "dense sliding tied": (hf_dense_config(use_sliding_window=True, sliding_window=9, max_window_layers=1,
-                                               tie_word_embeddings=True), False),
+        "dense sliding tied": (
+            hf_dense_config(use_sliding_window=True, sliding_window=9, max_window_layers=1, tie_word_embeddings=True),
+            False,
+        ),
         "moe": (moe_cfg, True),
     }
     failures = 0
@@ -56,8 +70,9 @@ def main() -> int:
             err = rel_err(ours[real], ref[real])
             bad = precision == "highest" and err > 1e-4
             failures += bad
-            print(f"{name:20s} logits rel err ({precision:7s} precision): {err:.2e}{'  FAIL' if bad else ''}",
-                  flush=True)
+            print(
+                f"{name:20s} logits rel err ({precision:7s} precision): {err:.2e}{'  FAIL' if bad else ''}", flush=True
+            )
         with jax.default_matmul_precision("highest"):
             prompts = [ids[0, :17].tolist(), ids[3, :5].tolist()]
             ours = qwen2_jax.generate(config, params, prompts, 12, eos_token_ids=[])

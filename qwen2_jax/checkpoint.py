@@ -22,6 +22,7 @@ from qwen2_jax.hf_keys import Entry, hf_table, is_ignored, leaf_shapes
 from qwen2_jax.params import param_shardings
 from qwen2_jax.safetensors_io import CheckpointError, SafetensorsDir
 
+
 def require_checkpoint_dir(path: str, what: str = "checkpoint", config_hint: str | None = None) -> None:
     """The one check of a checkpoint path every entry point makes: it exists and is a directory, and
     with `config_hint` it has a config.json (the hint says what its absence means)."""
@@ -34,8 +35,11 @@ def require_checkpoint_dir(path: str, what: str = "checkpoint", config_hint: str
 
 
 def is_hf_dir(path: str) -> bool:
-    return os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")) and any(
-        p.endswith(".safetensors") or p == "model.safetensors.index.json" for p in os.listdir(path))
+    return (
+        os.path.isdir(path)
+        and os.path.exists(os.path.join(path, "config.json"))
+        and any(p.endswith(".safetensors") or p == "model.safetensors.index.json" for p in os.listdir(path))
+    )
 
 
 def load_checkpoint(path: str | os.PathLike, dtype=None, mesh: Mesh | None = None) -> tuple[Qwen2Config, Any]:
@@ -66,13 +70,15 @@ def check_hf_tensors(config: Qwen2Config, tensors: SafetensorsDir) -> list[Entry
         more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
         raise CheckpointError(
             f"{tensors.file_of(unexpected[0])}: unexpected tensor {unexpected[0]!r}{more} "
-            f"for a {config.model_type} model with this config")
+            f"for a {config.model_type} model with this config"
+        )
     for e in table:
         shape = tensors.shape(e.hf_key)
         if shape != e.hf_shape:
             raise CheckpointError(
                 f"{tensors.file_of(e.hf_key)}: tensor {e.hf_key!r} has shape {list(shape)}, "
-                f"config.json implies {list(e.hf_shape)}")
+                f"config.json implies {list(e.hf_shape)}"
+            )
     return table
 
 
