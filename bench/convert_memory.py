@@ -29,10 +29,21 @@ sys.path.insert(0, ROOT)
 
 
 def hf_config(args, layers: int) -> dict:
-    return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": args.vocab,
-            "hidden_size": args.hidden, "intermediate_size": args.intermediate, "num_hidden_layers": layers,
-            "num_attention_heads": args.heads, "num_key_value_heads": args.kv_heads, "max_position_embeddings": 4096,
-            "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "tie_word_embeddings": False, "dtype": "bfloat16"}
+    return {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "vocab_size": args.vocab,
+        "hidden_size": args.hidden,
+        "intermediate_size": args.intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": args.heads,
+        "num_key_value_heads": args.kv_heads,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "tie_word_embeddings": False,
+        "dtype": "bfloat16",
+    }
 
 
 def write_synthetic(directory: str, args, layers: int) -> int:
@@ -56,11 +67,12 @@ def write_synthetic(directory: str, args, layers: int) -> int:
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map, total = {}, 0
     for name, entries in zip(names, shards):
-        with SafetensorsWriter(os.path.join(directory, name), [(e.hf_key, bf16, e.hf_shape) for e in entries],
-                               metadata={"format": "pt"}) as w:
+        with SafetensorsWriter(
+            os.path.join(directory, name), [(e.hf_key, bf16, e.hf_shape) for e in entries], metadata={"format": "pt"}
+        ) as w:
             for e in entries:
                 n = int(np.prod(e.hf_shape))
-                value = np.resize(pool[rng.integers(0, 1 << 20):], n).reshape(e.hf_shape)
+                value = np.resize(pool[rng.integers(0, 1 << 20) :], n).reshape(e.hf_shape)
                 w.write(e.hf_key, value)
                 weight_map[e.hf_key] = name
                 total += value.nbytes
@@ -152,9 +164,12 @@ def main() -> None:
                 peak, wall = run_measured([py, "-m", "convert", direction, src, dst, "--quiet", "--overwrite"])
                 os.sync()
                 row[direction] = (peak, wall)
-                print(f"layers={layers:3d} {nbytes / 1e9:6.3f} GB {direction:11s} peak RSS {peak / 1e6:8.1f} MB  "
-                      f"{wall:6.1f} s = {nbytes / wall / 1e6:7.1f} MB/s   plain copy {nbytes / copy_s / 1e6:7.1f} MB/s "
-                      f"(conversion/copy throughput {copy_s / wall:.2f})", flush=True)
+                print(
+                    f"layers={layers:3d} {nbytes / 1e9:6.3f} GB {direction:11s} peak RSS {peak / 1e6:8.1f} MB  "
+                    f"{wall:6.1f} s = {nbytes / wall / 1e6:7.1f} MB/s   plain copy {nbytes / copy_s / 1e6:7.1f} MB/s "
+                    f"(conversion/copy throughput {copy_s / wall:.2f})",
+                    flush=True,
+                )
             results[layers] = row
             for d in (back,):
                 shutil.rmtree(d, ignore_errors=True)

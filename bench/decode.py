@@ -61,7 +61,7 @@ def read_bandwidth(dtype) -> float:
     x = jnp.ones((4096,), dtype)
     matvec = jax.jit(lambda w, x: w @ x)
     matvec(w, x).block_until_ready()
-    results.append(w.nbytes / best_time(lambda: matvec(w, x).block_until_ready(), 10))
+    results.append(w.nbytes / best_time(lambda w=w: matvec(w, x).block_until_ready(), 10))
     del w
     big = jnp.ones((1 << 28,), jnp.float32)  # 1 GiB
     total = jax.jit(jnp.sum)
@@ -105,8 +105,11 @@ def main(argv=None):
     batches = [int(b) for b in args.batch_sizes.split(",")]
     modes = args.layer_layouts.split(",")
     device = jax.devices()[0]
-    print(f"device: {device.platform} {device.device_kind}, {os.cpu_count()} CPUs; model {args.preset} {args.dtype}; "
-          f"prompt {args.prompt_len}, new {args.new_tokens}, greedy; HF torch threads {args.threads}", flush=True)
+    print(
+        f"device: {device.platform} {device.device_kind}, {os.cpu_count()} CPUs; model {args.preset} {args.dtype}; "
+        f"prompt {args.prompt_len}, new {args.new_tokens}, greedy; HF torch threads {args.threads}",
+        flush=True,
+    )
 
     bw = read_bandwidth(dtype)
     print(f"measured read bandwidth: {bw / 1e9:.1f} GB/s", flush=True)
@@ -128,13 +131,25 @@ def main(argv=None):
 
         def run():
             with torch.no_grad():
-                out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                                  do_sample=False, pad_token_id=0)
+                out = hf.generate(
+                    ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=n,
+                    min_new_tokens=n,
+                    do_sample=False,
+                    pad_token_id=0,
+                )
             assert out.shape[1] == args.prompt_len + n
+
         return run
 
-    results = {"device": f"{device.platform} {device.device_kind}", "preset": args.preset, "dtype": args.dtype,
-               "read_bandwidth_gbs": bw / 1e9, "rows": []}
+    results = {
+        "device": f"{device.platform} {device.device_kind}",
+        "preset": args.preset,
+        "dtype": args.dtype,
+        "read_bandwidth_gbs": bw / 1e9,
+        "rows": [],
+    }
     n = args.new_tokens
     # the stacked generator runs the checkpoint params as they are; per_layer then moves them
     for mode in ["stacked"] + [m for m in modes if m != "stacked"] if "stacked" in modes else modes:
@@ -151,22 +166,35 @@ def main(argv=None):
                 if hf is not None:
                     t_hf.append(best_time(theirs(b, n), 1))
                     t_hf1.append(best_time(theirs(b, 1), 1))
-            row = {"layer_layout": mode, "batch": b, "ours_s": min(t_ours), "ours_tok_s": b * n / min(t_ours),
-                   "ours_step_ms": 1e3 * (min(t_ours) - min(t_ours1)) / (n - 1)}
+            row = {
+                "layer_layout": mode,
+                "batch": b,
+                "ours_s": min(t_ours),
+                "ours_tok_s": b * n / min(t_ours),
+                "ours_step_ms": 1e3 * (min(t_ours) - min(t_ours1)) / (n - 1),
+            }
             step_s = row["ours_step_ms"] / 1e3
             row["ours_roofline_fraction"] = weight_bytes_per_step(config, params_bytes, embed_bytes, b) / bw / step_s
             if hf is not None:
-                row.update(hf_s=min(t_hf), hf_tok_s=b * n / min(t_hf),
-                           hf_step_ms=1e3 * (min(t_hf) - min(t_hf1)) / (n - 1),
-                           speedup=min(t_hf) / min(t_ours),
-                           speedup_per_repeat=[h / o for h, o in zip(t_hf, t_ours)])
+                row.update(
+                    hf_s=min(t_hf),
+                    hf_tok_s=b * n / min(t_hf),
+                    hf_step_ms=1e3 * (min(t_hf) - min(t_hf1)) / (n - 1),
+                    speedup=min(t_hf) / min(t_ours),
+                    speedup_per_repeat=[h / o for h, o in zip(t_hf, t_ours)],
+                )
             results["rows"].append(row)
-            line = (f"[{mode:9s}] batch {b}: ours {row['ours_tok_s']:7.2f} tok/s (decode {row['ours_step_ms']:.1f} "
-                    f"ms/step, {100 * row['ours_roofline_fraction']:.0f}% of roofline)")
+            line = (
+                f"[{mode:9s}] batch {b}: ours {row['ours_tok_s']:7.2f} tok/s (decode {row['ours_step_ms']:.1f} "
+                f"ms/step, {100 * row['ours_roofline_fraction']:.0f}% of roofline)"
+            )
             if hf is not None:
-                line += (f" | HF {row['hf_tok_s']:7.2f} tok/s (decode {row['hf_step_ms']:.1f} ms/step) | "
-                         f"speedup {row['speedup']:.2f}x (per repeat: "
-                         + ", ".join(f"{s:.2f}" for s in row["speedup_per_repeat"]) + ")")
+                line += (
+                    f" | HF {row['hf_tok_s']:7.2f} tok/s (decode {row['hf_step_ms']:.1f} ms/step) | "
+                    f"speedup {row['speedup']:.2f}x (per repeat: "
+                    + ", ".join(f"{s:.2f}" for s in row["speedup_per_repeat"])
+                    + ")"
+                )
             print(line, flush=True)
     if args.json:
         with open(args.json, "w") as f:

@@ -37,7 +37,8 @@ def main():
 
     import numpy as np
     import torch
-    from transformers import Qwen2Config as HFConfig, Qwen2ForCausalLM
+    from transformers import Qwen2Config as HFConfig
+    from transformers import Qwen2ForCausalLM
 
     import qwen2_jax
     from qwen2_jax.config import preset
@@ -54,17 +55,19 @@ def main():
         hf.save_pretrained(tmp)
         config, params = qwen2_jax.load_checkpoint(tmp)
     n_params = sum(p.numel() for p in hf.parameters())
-    print(f"model: Qwen2-0.5B shape, {args.layers} layers, {n_params / 1e6:.0f}M params, float32; "
-          f"torch threads={torch.get_num_threads()}, jax devices={len(__import__('jax').devices())}")
+    print(
+        f"model: Qwen2-0.5B shape, {args.layers} layers, {n_params / 1e6:.0f}M params, float32; "
+        f"torch threads={torch.get_num_threads()}, jax devices={len(__import__('jax').devices())}"
+    )
     print(f"{'batch':>5} {'seq':>5} {'HF s':>8} {'ours s':>8} {'HF/ours':>8}")
     for batch in [int(b) for b in args.batches.split(",")]:
         ids = np.random.RandomState(batch).randint(0, 151643, (batch, args.seq))
 
-        def run_hf():
+        def run_hf(ids=ids):
             with torch.no_grad():
                 hf(input_ids=torch.from_numpy(ids)).logits.float()
 
-        def run_ours():
+        def run_ours(ids=ids):
             qwen2_jax.forward(config, params, ids).block_until_ready()
 
         run_ours()  # compile

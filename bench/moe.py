@@ -36,11 +36,17 @@ def make_config(div):
     from qwen2_jax.config import preset
 
     full = preset("qwen2-57b-a14b")
-    return full.replace(hidden_size=full.hidden_size // div, num_attention_heads=4,
-                        num_key_value_heads=1, moe_intermediate_size=full.moe_intermediate_size // div,
-                        shared_expert_intermediate_size=full.shared_expert_intermediate_size // div,
-                        intermediate_size=full.intermediate_size // div, num_hidden_layers=1, layer_types=None,
-                        vocab_size=1024)
+    return full.replace(
+        hidden_size=full.hidden_size // div,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        moe_intermediate_size=full.moe_intermediate_size // div,
+        shared_expert_intermediate_size=full.shared_expert_intermediate_size // div,
+        intermediate_size=full.intermediate_size // div,
+        num_hidden_layers=1,
+        layer_types=None,
+        vocab_size=1024,
+    )
 
 
 def onehot_block(params, x_btd, cfg, dtype):
@@ -55,11 +61,13 @@ def onehot_block(params, x_btd, cfg, dtype):
     dense_w = jnp.sum(jax.nn.one_hot(idx, cfg.num_experts, dtype=dtype) * w[..., None], axis=1)  # [n, E]
     e = p["experts"]
     h = jax.nn.silu(jnp.einsum("nd,edf->nef", x, e["gate_kernel"].astype(dtype))) * jnp.einsum(
-        "nd,edf->nef", x, e["up_kernel"].astype(dtype))
+        "nd,edf->nef", x, e["up_kernel"].astype(dtype)
+    )
     y = jnp.einsum("nef,efd,ne->nd", h, e["down_kernel"].astype(dtype), dense_w)
     s = p["shared_expert"]
     shared = (jax.nn.silu(x @ s["gate_kernel"].astype(dtype)) * (x @ s["up_kernel"].astype(dtype))) @ s[
-        "down_kernel"].astype(dtype)
+        "down_kernel"
+    ].astype(dtype)
     gate = jax.nn.sigmoid(x @ p["shared_expert_gate_kernel"].astype(dtype))
     return (y + gate * shared).reshape(b, t, d)
 
@@ -80,13 +88,21 @@ def torch_block(cfg, params):
     from transformers import Qwen2MoeConfig
     from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
 
-    hf_cfg = Qwen2MoeConfig(hidden_size=cfg.hidden_size, num_experts=cfg.num_experts,
-                            num_experts_per_tok=cfg.num_experts_per_tok, moe_intermediate_size=cfg.moe_intermediate_size,
-                            shared_expert_intermediate_size=cfg.shared_expert_intermediate_size,
-                            norm_topk_prob=cfg.norm_topk_prob, num_attention_heads=cfg.num_attention_heads,
-                            num_key_value_heads=cfg.num_key_value_heads)
+    hf_cfg = Qwen2MoeConfig(
+        hidden_size=cfg.hidden_size,
+        num_experts=cfg.num_experts,
+        num_experts_per_tok=cfg.num_experts_per_tok,
+        moe_intermediate_size=cfg.moe_intermediate_size,
+        shared_expert_intermediate_size=cfg.shared_expert_intermediate_size,
+        norm_topk_prob=cfg.norm_topk_prob,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads,
+    )
     block = Qwen2MoeSparseMoeBlock(hf_cfg).eval()
-    t = lambda a: torch.from_numpy(np.asarray(a, np.float32).copy())
+
+    def t(a):
+        return torch.from_numpy(np.asarray(a, np.float32).copy())
+
     e = params["experts"]
     with torch.no_grad():
         block.gate.weight.copy_(t(params["router_kernel"]).T)
@@ -104,6 +120,7 @@ def main():
     import flax.linen as nn
 
     from qwen2_jax.moe import SparseMoeBlock
+    from qwen2_jax.options import RunOptions
 
     cfg = make_config(args.width_div)
     dtype = jnp.dtype(args.dtype)
@@ -112,10 +129,12 @@ def main():
     # a router that spreads tokens over experts (HF init std 0.02 would too; keep it explicit)
     params["router_kernel"] = (jax.random.normal(jax.random.key(1), params["router_kernel"].shape) * 0.5).astype(dtype)
     paths = args.paths.split(",")
-    print(f"backend={jax.default_backend()} devices={len(jax.devices())} dtype={args.dtype} "
-          f"hidden={cfg.hidden_size} experts={cfg.num_experts} top_k={cfg.num_experts_per_tok} "
-          f"expert_width={cfg.moe_intermediate_size} shared_width={cfg.shared_expert_intermediate_size} "
-          f"(57B-A14B widths / {args.width_div})")
+    print(
+        f"backend={jax.default_backend()} devices={len(jax.devices())} dtype={args.dtype} "
+        f"hidden={cfg.hidden_size} experts={cfg.num_experts} top_k={cfg.num_experts_per_tok} "
+        f"expert_width={cfg.moe_intermediate_size} shared_width={cfg.shared_expert_intermediate_size} "
+        f"(57B-A14B widths / {args.width_div})"
+    )
     results = []
     block_torch = None if args.no_torch else torch_block(cfg, params)
     for n in [int(v) for v in args.tokens.split(",")]:
@@ -126,16 +145,17 @@ def main():
             if path == "onehot":
                 fn = jax.jit(lambda p, x: onehot_block(p, x, cfg, dtype))
             else:
-                block = SparseMoeBlock(cfg, dtype, dtype, impl=path)
+                block = SparseMoeBlock(cfg, RunOptions(dtype=dtype, param_dtype=dtype, moe_impl=path))
                 fn = jax.jit(lambda p, x, block=block: block.apply({"params": p}, x)[0])
             iters = 1 if (path == "ragged_dot" and jax.default_backend() == "cpu" and n > 1024) else args.iters
-            sec, out = timeit(lambda: fn(params, x), iters)
+            sec, out = timeit(lambda fn=fn, x=x: fn(params, x), iters)
             row[path] = n / sec
             outs[path] = np.asarray(out, np.float32)
         if block_torch is not None:
             import torch
 
-            xt = torch.from_numpy(np.asarray(x, np.float32)).to(torch.bfloat16 if args.dtype == "bfloat16" else torch.float32)
+            torch_dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+            xt = torch.from_numpy(np.asarray(x, np.float32)).to(torch_dtype)
             bt = block_torch.to(xt.dtype)
             with torch.no_grad():
                 bt(xt)
@@ -156,8 +176,10 @@ def main():
                 print(f"    {p} / onehot = {row[p] / row['onehot']:.2f}x", end="")
             if p != "onehot" and "hf_torch" in row:
                 print(f"    {p} / hf_torch = {row[p] / row['hf_torch']:.2f}x", end="")
-        print(f"\n    max |diff| / max |ref| vs {'hf_torch' if 'hf_torch' in outs else paths[0]}: "
-              + ", ".join(f"{k}={v:.1e}" for k, v in row["max_rel_diff_vs_first"].items()))
+        print(
+            f"\n    max |diff| / max |ref| vs {'hf_torch' if 'hf_torch' in outs else paths[0]}: "
+            + ", ".join(f"{k}={v:.1e}" for k, v in row["max_rel_diff_vs_first"].items())
+        )
     if args.json:
         print(json.dumps(results))
 

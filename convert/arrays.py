@@ -41,7 +41,7 @@ def materialize(view: np.ndarray, dtype=None) -> np.ndarray:
     block = max(8, _CACHE_LINE // view.itemsize)
     for start in range(0, view.shape[axis], block):
         if axis == 0:
-            out[start:start + block] = view[start:start + block]
+            out[start : start + block] = view[start : start + block]
         else:
-            out[:, start:start + block] = view[:, start:start + block]
+            out[:, start : start + block] = view[:, start : start + block]
     return out

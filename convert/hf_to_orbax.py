@@ -1,7 +1,8 @@
 """HF safetensors directory -> Orbax checkpoint, one HF tensor in host memory at a time.
 
 Everything is checked before anything is written (config, every shard header, every tensor name
-and shape against the one name table), so a bad source fails without creating a destination.
+and shape against the one name table, the tensors' dtypes), with the same checks `load_checkpoint`
+makes of an HF directory, so a bad source fails without creating a destination.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from convert import orbax_stream
 from convert.arrays import materialize
 from convert.progress import Progress
 from qwen2_jax import orbax_checkpoint as oc
-from qwen2_jax.checkpoint import check_hf_tensors, parse_dtype, require_checkpoint_dir
+from qwen2_jax.checkpoint import check_hf_tensors, require_checkpoint_dir
 from qwen2_jax.config import Qwen2Config
+from qwen2_jax.dtypes import parse_dtype
 from qwen2_jax.hf_keys import Entry, leaf_shapes
-from qwen2_jax.safetensors_io import CheckpointError, SafetensorsDir
+from qwen2_jax.safetensors_io import SafetensorsDir
 
 
 class SourcePlan:
@@ -30,15 +32,8 @@ class SourcePlan:
         self.tensors = SafetensorsDir(src)
         try:
             self.table = check_hf_tensors(self.config, self.tensors)
-            stored = {np.dtype(self.tensors.dtype(e.hf_key)) for e in self.table}
-            bad = sorted(str(d) for d in stored if d.name not in oc.DTYPES)
-            if bad:
-                raise CheckpointError(f"{src}: unsupported tensor dtype(s) {bad}")
-            if dtype is None and len(stored) != 1:
-                raise CheckpointError(f"{src}: tensors have mixed dtypes {sorted(map(str, stored))}; pass --dtype")
-            self.dtype = parse_dtype(dtype) if dtype is not None else stored.pop()
+            self.dtype = self.tensors.param_dtype((e.hf_key for e in self.table), parse_dtype(dtype))
             self.shapes = leaf_shapes(self.config)
-            _check_against_model(self.config, self.shapes)
         except BaseException:
             self.tensors.close()
             raise
@@ -49,19 +44,6 @@ class SourcePlan:
 
     def close(self):
         self.tensors.close()
-
-
-def _check_against_model(config: Qwen2Config, shapes: dict) -> None:
-    """The table must describe exactly the Flax model's params (abstract: no memory)."""
-    import jax
-
-    from qwen2_jax.params import abstract_params
-
-    model = {tuple(k.key for k in p): tuple(v.shape)
-             for p, v in jax.tree_util.tree_leaves_with_path(abstract_params(config))}
-    if model != shapes:
-        diff = sorted(set(model.items()) ^ set(shapes.items()))
-        raise RuntimeError(f"name table and model disagree on parameters: {diff[:3]}")
 
 
 def convert(plan: SourcePlan, dst: str, progress: Progress) -> None:
@@ -80,8 +62,9 @@ def convert(plan: SourcePlan, dst: str, progress: Progress) -> None:
             node[e.path[-1]] = leaf
         leaf.slices.append((order, e.index, _producer(plan.tensors, e, dtype, progress)))
     orbax_stream.write_streamed_params(dst, tree)
-    oc.write_checkpoint_files(dst, plan.config, dtype.name, source=f"hf:{os.path.abspath(plan.src)}",
-                              assets_from=plan.src)
+    oc.write_checkpoint_files(
+        dst, plan.config, dtype.name, source=f"hf:{os.path.abspath(plan.src)}", assets_from=plan.src
+    )
 
 
 def _producer(tensors: SafetensorsDir, e: Entry, dtype: np.dtype, progress: Progress):

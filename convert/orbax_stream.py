@@ -14,9 +14,16 @@ import collections
 import dataclasses
 import json
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
+import tensorstore as ts
+from etils import epath
+from orbax.checkpoint import type_handlers as th
+from orbax.checkpoint._src.futures import future  # CommitFutureAwaitingContractedSignals: no public alias in 0.12.8
 
 from qwen2_jax import orbax_checkpoint as oc
 
@@ -38,61 +45,59 @@ class StreamedLeaf:
     slices: list[tuple[int, tuple[int, ...], Callable[[], np.ndarray]]]
 
 
-def _streamed_handler():
-    import jax
-    import tensorstore as ts
-    from orbax.checkpoint import type_handlers as th
-    from orbax.checkpoint._src.futures import future  # no public alias in 0.12.8
+class StreamedLeafHandler(th.NumpyHandler):
+    """Saves `StreamedLeaf`s: each slice is produced and written into its zarr chunk in turn."""
 
-    class StreamedLeafHandler(th.NumpyHandler):
-        # Recorded as np.ndarray: a plain restore reads it with Orbax's own handlers.
-        def typestr(self) -> str:
-            return "np.ndarray"
+    # Recorded as np.ndarray: a plain restore reads it with Orbax's own handlers.
+    def typestr(self) -> str:
+        return "np.ndarray"
 
-        async def serialize(self, values, infos, args=None):
-            args = args or [th.SaveArgs()] * len(values)
-            return [future.CommitFutureAwaitingContractedSignals(self._write(values, infos, args),
-                                                                 name="streamed_leaves")]
+    async def serialize(self, values, infos, args=None):
+        args = args or [th.SaveArgs()] * len(values)
+        return [future.CommitFutureAwaitingContractedSignals(self._write(values, infos, args), name="streamed_leaves")]
 
-        async def _write(self, values, infos, args):
-            context = None
-            work = []
-            for leaf, info, arg in zip(values, infos, args):
-                await info.await_path_creation()
-                if context is None:
-                    context = _unsynced_context(info.ts_context)
-                write_shape = (1,) * leaf.stacked + tuple(leaf.shape[leaf.stacked:])
-                spec = th.get_json_tspec_write(info, use_ocdbt=info.is_ocdbt_checkpoint, global_shape=leaf.shape,
-                                               local_shape=write_shape, dtype=leaf.dtype,
-                                               process_index=jax.process_index(), arg=arg)
-                store = await ts.open(ts.Spec(spec), create=True, open=True, context=context)
-                work += [(order, store, index, produce) for order, index, produce in leaf.slices]
-            # A few slices in flight (bounded in bytes, not in depth) let tensorstore batch them
-            # into one OCDBT commit instead of one commit per slice.
-            pending: collections.deque = collections.deque()
-            in_flight = 0
-            for _, store, index, produce in sorted(work, key=lambda w: w[0]):
-                value = produce()
-                # produce() hands over a fresh array: tensorstore may keep it instead of copying.
-                write = store[index].write(value, can_reference_source_data_indefinitely=True)
-                pending.append((write, value.nbytes))
-                in_flight += value.nbytes
-                del value
-                while pending and (in_flight > IN_FLIGHT_BYTES or len(pending) > IN_FLIGHT_SLICES):
-                    future_, nbytes = pending.popleft()
-                    await future_
-                    in_flight -= nbytes
-            while pending:
-                await pending.popleft()[0]
-
-    return StreamedLeafHandler()
+    async def _write(self, values, infos, args):
+        context = None
+        work = []
+        for leaf, info, arg in zip(values, infos, args, strict=True):
+            await info.await_path_creation()
+            if context is None:
+                context = _unsynced_context(info.ts_context)
+            write_shape = (1,) * leaf.stacked + tuple(leaf.shape[leaf.stacked :])
+            spec = th.get_json_tspec_write(
+                info,
+                use_ocdbt=info.is_ocdbt_checkpoint,
+                global_shape=leaf.shape,
+                local_shape=write_shape,
+                dtype=leaf.dtype,
+                process_index=jax.process_index(),
+                arg=arg,
+            )
+            store = await ts.open(ts.Spec(spec), create=True, open=True, context=context)
+            work += [(order, store, index, produce) for order, index, produce in leaf.slices]
+        # A few slices in flight (bounded in bytes, not in depth) let tensorstore batch them
+        # into one OCDBT commit instead of one commit per slice.
+        pending: collections.deque = collections.deque()
+        in_flight = 0
+        for _, store, index, produce in sorted(work, key=lambda w: w[0]):
+            value = produce()
+            # produce() hands over a fresh array: tensorstore may keep it instead of copying.
+            write = store[index].write(value, can_reference_source_data_indefinitely=True)
+            pending.append((write, value.nbytes))
+            in_flight += value.nbytes
+            del value
+            while pending and (in_flight > IN_FLIGHT_BYTES or len(pending) > IN_FLIGHT_SLICES):
+                future_, nbytes = pending.popleft()
+                await future_
+                in_flight -= nbytes
+        while pending:
+            await pending.popleft()[0]
 
 
 def _unsynced_context(orbax_context):
     """Orbax's tensorstore context for streamed writes. No fsync per write (5-10x slower when
-    writing a slice at a time): callers fsync the finished checkpoint once (`fsync_tree`)."""
-    import tensorstore as ts
-
+    writing a slice at a time): callers fsync the finished checkpoint once
+    (`qwen2_jax.atomic.directory` does)."""
     spec = orbax_context.spec.to_json() if orbax_context is not None else {}
     spec["file_io_sync"] = False
     # Each batch of slices is one OCDBT commit that rewrites B-tree nodes; a cache of them only
@@ -101,30 +106,10 @@ def _unsynced_context(orbax_context):
     return ts.Context(spec)
 
 
-def fsync_tree(directory: str) -> None:
-    """fsync every file and directory under `directory` (durability before an atomic rename)."""
-    for root, _, files in os.walk(directory):
-        for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fd = os.open(root, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def write_streamed_params(directory: str, tree) -> None:
     """Writes a params tree of `StreamedLeaf`s as CKPT/params (a standard Orbax PyTree checkpoint).
-    Not fsynced: call `fsync_tree` before relying on it surviving a crash."""
-    import orbax.checkpoint as ocp
-
-    from orbax.checkpoint import type_handlers as th
-
-    registry = th.create_type_handler_registry((StreamedLeaf, _streamed_handler()))
+    Not fsynced: call `qwen2_jax.atomic.fsync_tree` before relying on it surviving a crash."""
+    registry = th.create_type_handler_registry((StreamedLeaf, StreamedLeafHandler()))
     checkpointer = ocp.Checkpointer(oc.params_handler(type_handler_registry=registry))
     checkpointer.save(os.path.join(os.path.abspath(directory), oc.PARAMS_ITEM), args=ocp.args.PyTreeSave(tree))
 
@@ -133,9 +118,6 @@ class LeafReader:
     """Reads slices of stored leaves through tensorstore: a layer's slice, never the stacked leaf."""
 
     def __init__(self, ckpt: oc.OrbaxCheckpoint):
-        from etils import epath
-        from orbax.checkpoint import type_handlers as th
-
         self._ckpt = ckpt
         self._ocdbt = th.is_ocdbt_checkpoint(epath.Path(ckpt.params_dir))
         with open(os.path.join(ckpt.params_dir, "_METADATA")) as f:
@@ -145,12 +127,12 @@ class LeafReader:
 
     def _store(self, path: tuple[str, ...]):
         if path not in self._open:
-            import tensorstore as ts
-            from etils import epath
-            from orbax.checkpoint import type_handlers as th
-
-            info = th.ParamInfo(name=".".join(self._ckpt.prefix + path), parent_dir=epath.Path(self._ckpt.params_dir),
-                                is_ocdbt_checkpoint=self._ocdbt, use_zarr3=self._zarr3)
+            info = th.ParamInfo(
+                name=".".join(self._ckpt.prefix + path),
+                parent_dir=epath.Path(self._ckpt.params_dir),
+                is_ocdbt_checkpoint=self._ocdbt,
+                use_zarr3=self._zarr3,
+            )
             spec = th.get_json_tspec_read(info, use_ocdbt=self._ocdbt)
             self._open[path] = ts.open(ts.Spec(spec), open=True, context=self._context).result()
         return self._open[path]

@@ -7,7 +7,6 @@ planned up front, so host memory holds one tensor.
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
@@ -15,8 +14,9 @@ import numpy as np
 from convert.arrays import materialize
 from convert.orbax_stream import LeafReader
 from convert.progress import Progress
+from qwen2_jax import atomic
 from qwen2_jax import orbax_checkpoint as oc
-from qwen2_jax.checkpoint import parse_dtype
+from qwen2_jax.dtypes import parse_dtype
 from qwen2_jax.hf_keys import Entry, hf_table, leaf_shapes
 from qwen2_jax.safetensors_io import SafetensorsWriter
 
@@ -26,11 +26,20 @@ INDEX_FILE = "model.safetensors.index.json"
 def parse_size(text: str) -> int:
     """'5GB', '500MB', '20KB', '1GiB' or a plain byte count, as transformers' max_shard_size."""
     s = str(text).strip().upper().replace(" ", "")
-    units = {"TIB": 2**40, "GIB": 2**30, "MIB": 2**20, "KIB": 2**10,
-             "TB": 10**12, "GB": 10**9, "MB": 10**6, "KB": 10**3, "B": 1}
-    for unit, scale in units.items():
-        if s.endswith(unit) and s[:-len(unit)]:
-            number = s[:-len(unit)]
+    units = {
+        "TIB": 2**40,
+        "GIB": 2**30,
+        "MIB": 2**20,
+        "KIB": 2**10,
+        "TB": 10**12,
+        "GB": 10**9,
+        "MB": 10**6,
+        "KB": 10**3,
+        "B": 1,
+    }
+    for unit, unit_scale in units.items():
+        if s.endswith(unit) and s[: -len(unit)]:
+            number, scale = s[: -len(unit)], unit_scale
             break
     else:
         number, scale = s, 1
@@ -51,7 +60,7 @@ class CheckpointPlan:
         self.config = self.ckpt.config
         oc.check_stored_shapes(self.ckpt, leaf_shapes(self.config))
         self.table = hf_table(self.config)
-        self.dtype = parse_dtype(dtype) if dtype is not None else oc.np_dtype(self.ckpt.dtype)
+        self.dtype = parse_dtype(dtype if dtype is not None else self.ckpt.dtype)
 
     @property
     def total_bytes(self) -> int:
@@ -80,11 +89,14 @@ def convert(plan: CheckpointPlan, dst: str, max_shard_bytes: int, progress: Prog
     os.makedirs(dst, exist_ok=True)
     dtype = plan.dtype
     shards = shard_plan(plan.table, dtype, max_shard_bytes)
-    names = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
     reader = LeafReader(plan.ckpt)
     weight_map = {}
-    for name, entries in zip(names, shards):
+    for name, entries in zip(names, shards, strict=True):
         specs = [(e.hf_key, dtype, e.hf_shape) for e in entries]
         with SafetensorsWriter(os.path.join(dst, name), specs, metadata={"format": "pt"}) as writer:
             for e in entries:
@@ -95,8 +107,7 @@ def convert(plan: CheckpointPlan, dst: str, max_shard_bytes: int, progress: Prog
                 del value
     if len(shards) > 1:
         index = {"metadata": {"total_size": plan.total_bytes}, "weight_map": weight_map}
-        with open(os.path.join(dst, INDEX_FILE), "w") as f:
-            json.dump(index, f, indent=2)
+        atomic.write_json(os.path.join(dst, INDEX_FILE), index)
     plan.config.with_checkpoint_info(torch_dtype=dtype.name).save_hf(dst)
     for d in dict.fromkeys((plan.ckpt.directory, plan.ckpt.metadata_dir)):
         if oc.copy_assets(d, dst):

@@ -1,65 +1,75 @@
-"""A progress bar on stderr: tensors and bytes done, rate, ETA."""
+"""The conversion's progress on stderr (a tqdm bar): bytes and tensors done, rate, elapsed, ETA."""
 
 from __future__ import annotations
 
 import sys
-import time
+from typing import TextIO
+
+from tqdm import tqdm
+
+BAR_FORMAT = (
+    "{desc} {percentage:5.1f}% |{bar:24}| {n_fmt}B/{total_fmt}B {rate_fmt}{postfix} elapsed {elapsed} ETA {remaining}"
+)
 
 
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
+class _Bar(tqdm):
+    monitor_interval = 0  # no monitor thread: update() is called once per tensor, often enough
 
 
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+class _Lines:
+    """A stream for tqdm on a pipe or a file: each redraw ("\\r" + line + padding) becomes one line."""
+
+    def __init__(self, stream: TextIO):
+        self._stream = stream
+
+    def write(self, text: str) -> None:
+        line = text.strip("\r\n ")
+        if line:
+            self._stream.write(line + "\n")
+
+    def flush(self) -> None:
+        self._stream.flush()
 
 
 class Progress:
-    """Redrawn in place on a terminal; on a pipe or file, one line every `log_every` seconds."""
+    """Redrawn in place on a terminal; on a pipe or a file, one line every `log_every` seconds and a
+    last one at `close()`. Disabled (`enabled=False`, `--quiet`): prints nothing."""
 
-    def __init__(self, total_tensors: int, total_bytes: int, label: str, enabled: bool = True,
-                 stream=None, log_every: float = 10.0):
-        self.total_tensors, self.total_bytes, self.label = total_tensors, total_bytes, label
-        self.tensors = self.bytes = 0
-        self.enabled = enabled
-        self.stream = stream if stream is not None else sys.stderr
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.start = self._last = time.monotonic()
-        self.log_every = log_every if not self.tty else 0.1
+    def __init__(
+        self,
+        total_tensors: int,
+        total_bytes: int,
+        label: str,
+        enabled: bool = True,
+        stream: TextIO | None = None,
+        log_every: float = 10.0,
+    ):
+        stream = stream if stream is not None else sys.stderr
+        tty = bool(getattr(stream, "isatty", lambda: False)())
+        self.total_tensors = total_tensors
+        self.tensors = 0
+        self._bar = _Bar(
+            total=total_bytes,
+            desc=label,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1000,
+            bar_format=BAR_FORMAT,
+            postfix=self._tensors_text(),
+            file=stream if tty else _Lines(stream),
+            mininterval=0.1 if tty else log_every,
+            miniters=1,
+            ascii=not tty,
+            disable=not enabled,
+        )
+
+    def _tensors_text(self) -> str:
+        return f"{self.tensors}/{self.total_tensors} tensors"
 
     def update(self, nbytes: int, tensors: int = 1) -> None:
         self.tensors += tensors
-        self.bytes += nbytes
-        now = time.monotonic()
-        if self.enabled and now - self._last >= self.log_every:
-            self._last = now
-            self._draw(final=False)
-
-    def line(self) -> str:
-        elapsed = max(time.monotonic() - self.start, 1e-9)
-        rate = self.bytes / elapsed
-        frac = self.bytes / self.total_bytes if self.total_bytes else 1.0
-        eta = (self.total_bytes - self.bytes) / rate if rate > 0 else 0.0
-        width = 24
-        bar = "#" * int(width * frac) + "." * (width - int(width * frac))
-        return (f"{self.label} [{bar}] {100 * frac:5.1f}% {self.tensors}/{self.total_tensors} tensors "
-                f"{human_bytes(self.bytes)}/{human_bytes(self.total_bytes)} {human_bytes(rate)}/s "
-                f"elapsed {_duration(elapsed)} ETA {_duration(eta)}")
-
-    def _draw(self, final: bool) -> None:
-        if self.tty:
-            self.stream.write("\r" + self.line() + ("\n" if final else ""))
-        else:
-            self.stream.write(self.line() + "\n")
-        self.stream.flush()
+        self._bar.set_postfix_str(self._tensors_text(), refresh=False)
+        self._bar.update(nbytes)
 
     def close(self) -> None:
-        if self.enabled:
-            self._draw(final=True)
+        self._bar.close()

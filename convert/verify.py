@@ -11,19 +11,20 @@ from __future__ import annotations
 
 import numpy as np
 
+from qwen2_jax import forward, load_checkpoint
+from qwen2_jax.orbax_checkpoint import open_checkpoint
+
 COMPUTE_DTYPE = "float32"
 TOLERANCE = {"float32": 1e-4}  # max |ours - hf| / max |hf|, by compute dtype
 
 
 def compare(hf_dir: str, orbax_dir: str, seq_len: int = 16, seed: int = 0):
     """(max relative difference, tolerance, description), or None if torch/transformers are missing."""
-    try:
+    try:  # optional: torch and transformers are test dependencies, not the library's
         import torch
         import transformers
     except ImportError:
         return None
-    from qwen2_jax import forward, load_checkpoint
-    from qwen2_jax.orbax_checkpoint import open_checkpoint
 
     stored = open_checkpoint(orbax_dir).dtype
     config, params = load_checkpoint(orbax_dir, dtype=COMPUTE_DTYPE)
@@ -33,7 +34,8 @@ def compare(hf_dir: str, orbax_dir: str, seq_len: int = 16, seed: int = 0):
     transformers.utils.logging.disable_progress_bar()  # its loading bar is noise on our stderr
     # Loaded in the stored dtype first, so a source in another dtype is rounded exactly as ours was.
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        hf_dir, dtype=getattr(torch, stored), use_safetensors=True, trust_remote_code=False)
+        hf_dir, dtype=getattr(torch, stored), use_safetensors=True, trust_remote_code=False
+    )
     model = model.to(getattr(torch, COMPUTE_DTYPE)).eval()
     with torch.no_grad():
         ref = model(input_ids=torch.as_tensor(ids)).logits.double().numpy()

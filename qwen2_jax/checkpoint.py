@@ -17,21 +17,10 @@ from jax.sharding import Mesh
 
 from qwen2_jax import orbax_checkpoint
 from qwen2_jax.config import ConfigError, Qwen2Config
+from qwen2_jax.dtypes import parse_dtype
 from qwen2_jax.hf_keys import Entry, hf_table, is_ignored, leaf_shapes
 from qwen2_jax.params import param_shardings
 from qwen2_jax.safetensors_io import CheckpointError, SafetensorsDir
-
-DTYPE_NAMES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-def parse_dtype(dtype) -> np.dtype | None:
-    if dtype is None:
-        return None
-    if isinstance(dtype, str):
-        if dtype not in DTYPE_NAMES:
-            raise ValueError(f"unsupported dtype {dtype!r} (choose from {', '.join(DTYPE_NAMES)})")
-        return np.dtype(DTYPE_NAMES[dtype])
-    return np.dtype(dtype)
 
 
 def require_checkpoint_dir(path: str, what: str = "checkpoint", config_hint: str | None = None) -> None:
@@ -46,8 +35,11 @@ def require_checkpoint_dir(path: str, what: str = "checkpoint", config_hint: str
 
 
 def is_hf_dir(path: str) -> bool:
-    return os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")) and any(
-        p.endswith(".safetensors") or p == "model.safetensors.index.json" for p in os.listdir(path))
+    return (
+        os.path.isdir(path)
+        and os.path.exists(os.path.join(path, "config.json"))
+        and any(p.endswith(".safetensors") or p == "model.safetensors.index.json" for p in os.listdir(path))
+    )
 
 
 def load_checkpoint(path: str | os.PathLike, dtype=None, mesh: Mesh | None = None) -> tuple[Qwen2Config, Any]:
@@ -58,7 +50,7 @@ def load_checkpoint(path: str | os.PathLike, dtype=None, mesh: Mesh | None = Non
     """
     path = os.fspath(path)
     require_checkpoint_dir(path)
-    target_dtype = parse_dtype(dtype)
+    target_dtype = parse_dtype(dtype) if dtype is not None else None
     if orbax_checkpoint.is_orbax_checkpoint(path):
         return orbax_checkpoint.restore(path, dtype=target_dtype, mesh=mesh)
     require_checkpoint_dir(path, config_hint=" (not an HF checkpoint) and no Orbax checkpoint")
@@ -78,13 +70,15 @@ def check_hf_tensors(config: Qwen2Config, tensors: SafetensorsDir) -> list[Entry
         more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
         raise CheckpointError(
             f"{tensors.file_of(unexpected[0])}: unexpected tensor {unexpected[0]!r}{more} "
-            f"for a {config.model_type} model with this config")
+            f"for a {config.model_type} model with this config"
+        )
     for e in table:
         shape = tensors.shape(e.hf_key)
         if shape != e.hf_shape:
             raise CheckpointError(
                 f"{tensors.file_of(e.hf_key)}: tensor {e.hf_key!r} has shape {list(shape)}, "
-                f"config.json implies {list(e.hf_shape)}")
+                f"config.json implies {list(e.hf_shape)}"
+            )
     return table
 
 
@@ -93,11 +87,7 @@ def load_hf(path: str, dtype: np.dtype | None = None, mesh: Mesh | None = None):
     tensors = SafetensorsDir(path)
     try:
         table = check_hf_tensors(config, tensors)
-        stored = {np.dtype(tensors.dtype(e.hf_key)) for e in table}
-        if dtype is None:
-            if len(stored) != 1:
-                raise CheckpointError(f"{path}: tensors have mixed dtypes {sorted(map(str, stored))}; pass dtype=")
-            dtype = stored.pop()
+        dtype = tensors.param_dtype((e.hf_key for e in table), dtype)
         params = _assemble(config, table, tensors, dtype, mesh)
     finally:
         tensors.close()

@@ -14,30 +14,33 @@ import json
 import os
 import sys
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
+
+from qwen2_jax.checkpoint import load_checkpoint, require_checkpoint_dir
+from qwen2_jax.cli_support import ArgumentParser, UsageError, run_cli
+from qwen2_jax.config import Qwen2Config
+from qwen2_jax.generate import GenerateOptions, Generator
+from qwen2_jax.sampling import eos_ids_of, load_generation_config, validate
+from qwen2_jax.tokenizer import load_tokenizer
 
 PROG = "qwen2-generate"
 DEFAULT_MAX_NEW_TOKENS = 256
 
 
-class UsageError(Exception):
-    """Bad input: exit 2 with the message on one line."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (argparse would print the whole usage too)
-        raise UsageError(f"{message} (see {PROG} --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Generate text with a Qwen2 checkpoint (HF directory or Orbax).")
+    p = ArgumentParser(prog=PROG, description="Generate text with a Qwen2 checkpoint (HF directory or Orbax).")
     p.add_argument("--checkpoint", required=True, help="HF directory (config.json + safetensors) or Orbax checkpoint")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text (tokenized with the checkpoint's tokenizer)")
     src.add_argument("--prompt-ids", help="prompt token ids, comma-separated: 1,2,3")
     src.add_argument("--chat", action="store_true", help="interactive multi-turn chat (Ctrl-D to leave)")
-    p.add_argument("--max-new-tokens", type=int, default=None,
-                   help=f"default: generation_config.json's max_new_tokens, else {DEFAULT_MAX_NEW_TOKENS}")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help=f"default: generation_config.json's max_new_tokens, else {DEFAULT_MAX_NEW_TOKENS}",
+    )
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: generation_config.json)")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
@@ -45,15 +48,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repetition-penalty", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help='print one JSON object: {"tokens": [...], "text": "..."}')
-    p.add_argument("--chat-template", action="store_true",
-                   help="wrap --prompt as one user turn of the chat template")
+    p.add_argument("--chat-template", action="store_true", help="wrap --prompt as one user turn of the chat template")
     p.add_argument("--system", default=None, help="system message for --chat / --chat-template")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="convert the weights on load (default: keep the stored dtype)")
-    p.add_argument("--layer-layout", choices=["per_layer", "stacked"], default="per_layer",
-                   help="how the decode loop holds the layer stack (default: per_layer)")
-    p.add_argument("--allow-context-overflow", action="store_true",
-                   help="let prompt + --max-new-tokens run past the model's context (max_position_embeddings)")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default=None,
+        help="convert the weights on load (default: keep the stored dtype)",
+    )
+    p.add_argument(
+        "--layer-layout",
+        choices=["per_layer", "stacked"],
+        default="per_layer",
+        help="how the decode loop holds the layer stack (default: per_layer)",
+    )
+    p.add_argument(
+        "--allow-context-overflow",
+        action="store_true",
+        help="let prompt + --max-new-tokens run past the model's context (max_position_embeddings)",
+    )
     p.add_argument("--quiet", action="store_true", help="no speed report on stderr")
     return p
 
@@ -67,14 +80,16 @@ def _parse_ids(text: str) -> list[int]:
 
 
 def _sampling_args(args, gen: dict[str, Any]) -> dict[str, Any]:
-    from qwen2_jax.sampling import validate
-
     def pick(flag, key):
         return flag if flag is not None else gen.get(key)
 
-    out = dict(temperature=pick(args.temperature, "temperature"), top_k=pick(args.top_k, "top_k"),
-               top_p=pick(args.top_p, "top_p"), min_p=pick(args.min_p, "min_p"),
-               repetition_penalty=pick(args.repetition_penalty, "repetition_penalty"))
+    out = dict(
+        temperature=pick(args.temperature, "temperature"),
+        top_k=pick(args.top_k, "top_k"),
+        top_p=pick(args.top_p, "top_p"),
+        min_p=pick(args.min_p, "min_p"),
+        repetition_penalty=pick(args.repetition_penalty, "repetition_penalty"),
+    )
     if out["temperature"] is None:
         out["temperature"] = 0.0
     try:
@@ -88,10 +103,6 @@ class _Session:
     """Checkpoint, tokenizer and settings: loaded once, used for one prompt or a whole chat."""
 
     def __init__(self, args):
-        from qwen2_jax.checkpoint import require_checkpoint_dir
-        from qwen2_jax.config import Qwen2Config
-        from qwen2_jax.sampling import eos_ids_of, load_generation_config
-
         self.args = args
         path = args.checkpoint
         try:
@@ -101,8 +112,11 @@ class _Session:
         except (FileNotFoundError, ValueError) as e:  # CheckpointError and ConfigError are ValueErrors
             raise UsageError(str(e)) from None
         self.sampling = _sampling_args(args, self.gen)
-        self.max_new_tokens = (args.max_new_tokens if args.max_new_tokens is not None
-                               else self.gen.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
+        self.max_new_tokens = (
+            args.max_new_tokens
+            if args.max_new_tokens is not None
+            else self.gen.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
+        )
         if self.max_new_tokens < 0:
             raise UsageError(f"--max-new-tokens must be >= 0, got {self.max_new_tokens}")
         self.eos = eos_ids_of(self.config, self.gen)
@@ -115,12 +129,12 @@ class _Session:
         return os.path.exists(os.path.join(self.args.checkpoint, "tokenizer.json"))
 
     def _load_tokenizer(self, required: bool):
-        from qwen2_jax.tokenizer import load_tokenizer
-
         if not self._has_tokenizer():
             if required:
-                raise UsageError(f"{self.args.checkpoint} has no tokenizer.json: use --prompt-ids, or add the "
-                                 "tokenizer files (qwen2_jax.tokenizer.write_qwen2_tokenizer)")
+                raise UsageError(
+                    f"{self.args.checkpoint} has no tokenizer.json: use --prompt-ids, or add the "
+                    "tokenizer files (qwen2_jax.tokenizer_build.write_qwen2_tokenizer)"
+                )
             return None
         try:
             return load_tokenizer(self.args.checkpoint)
@@ -135,19 +149,18 @@ class _Session:
         context = self.config.max_position_embeddings
         if len(ids) > context:
             raise UsageError(f"the {what} has {len(ids)} tokens, more than the model's context of {context} tokens")
-        if len(ids) + self.max_new_tokens > context and not self.args.allow_context_overflow:
-            raise UsageError(f"the {what} ({len(ids)} tokens) + --max-new-tokens {self.max_new_tokens} runs past the "
-                             f"model's context of {context} tokens (max_position_embeddings); lower "
-                             "--max-new-tokens or pass --allow-context-overflow")
         bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
         if bad:
             raise UsageError(f"token id {bad[0]} is outside the model's vocabulary [0, {self.config.vocab_size})")
+        if len(ids) + self.max_new_tokens > context and not self.args.allow_context_overflow:
+            raise UsageError(
+                f"the {what} ({len(ids)} tokens) + --max-new-tokens {self.max_new_tokens} runs past the "
+                f"model's context of {context} tokens (max_position_embeddings); lower "
+                "--max-new-tokens or pass --allow-context-overflow"
+            )
 
     def load_params(self):
         if self.params is None:
-            from qwen2_jax.checkpoint import load_checkpoint
-            from qwen2_jax.generate import Generator
-
             try:
                 config, params = load_checkpoint(self.args.checkpoint, dtype=self.args.dtype)
             except FileNotFoundError as e:
@@ -176,10 +189,13 @@ class _Session:
         return self.load_params().generate([ids], self.request(seed))[0]
 
     def request(self, seed: int):
-        from qwen2_jax.generate import GenerateOptions
-
-        return GenerateOptions(self.max_new_tokens, seed=seed, eos_token_ids=self.eos,
-                               allow_context_overflow=self.args.allow_context_overflow, **self.sampling)
+        return GenerateOptions(
+            self.max_new_tokens,
+            seed=seed,
+            eos_token_ids=self.eos,
+            allow_context_overflow=self.args.allow_context_overflow,
+            **self.sampling,
+        )
 
     def stream(self, ids: list[int], seed: int, out) -> list[int]:
         """Generate, writing text to `out` as tokens are made; return the tokens."""
@@ -208,8 +224,11 @@ class _Session:
         end = time.perf_counter()
         if not self.args.quiet and tokens:
             rate = (len(tokens) - 1) / (end - first) if len(tokens) > 1 and end > first else float("nan")
-            print(f"[{len(tokens)} tokens; first after {first - start:.2f}s; then {rate:.2f} tok/s]",
-                  file=sys.stderr, flush=True)
+            print(
+                f"[{len(tokens)} tokens; first after {first - start:.2f}s; then {rate:.2f} tok/s]",
+                file=sys.stderr,
+                flush=True,
+            )
         return tokens
 
 
@@ -219,9 +238,10 @@ def _prompt_ids(session: _Session, args) -> list[int]:
     else:
         text = args.prompt
         if args.chat_template:
-            messages = ([{"role": "system", "content": args.system}] if args.system else [])
-            text = session.tokenizer.apply_chat_template(messages + [{"role": "user", "content": text}],
-                                                         add_generation_prompt=True)
+            messages = [{"role": "system", "content": args.system}] if args.system else []
+            text = session.tokenizer.apply_chat_template(
+                messages + [{"role": "user", "content": text}], add_generation_prompt=True
+            )
         ids = session.tokenizer.encode(text)
     session.check_prompt(ids)
     return ids
@@ -232,8 +252,17 @@ def _run_prompt(session: _Session, args) -> int:
     if args.json:
         tokens = session.generate(ids, args.seed)
         stopped = bool(tokens) and tokens[-1] in session.eos
-        print(json.dumps({"tokens": tokens, "text": session.text_of(tokens), "prompt_tokens": len(ids),
-                          "finish_reason": "stop" if stopped else "length"}, ensure_ascii=False))
+        print(
+            json.dumps(
+                {
+                    "tokens": tokens,
+                    "text": session.text_of(tokens),
+                    "prompt_tokens": len(ids),
+                    "finish_reason": "stop" if stopped else "length",
+                },
+                ensure_ascii=False,
+            )
+        )
     else:
         session.stream(ids, args.seed, sys.stdout)
     return 0
@@ -275,8 +304,11 @@ def _run_chat(session: _Session, args) -> int:
             del history[int(bool(args.system))]
             ids = tok.encode(tok.apply_chat_template(history, add_generation_prompt=True))
         if len(ids) > budget:
-            print(f"{PROG}: message too long ({len(ids)} tokens; context {context}, "
-                  f"--max-new-tokens {session.max_new_tokens})", file=sys.stderr)
+            print(
+                f"{PROG}: message too long ({len(ids)} tokens; context {context}, "
+                f"--max-new-tokens {session.max_new_tokens})",
+                file=sys.stderr,
+            )
             history.pop()
             continue
         try:
@@ -289,24 +321,14 @@ def _run_chat(session: _Session, args) -> int:
         turn += 1
 
 
+def _main(argv: Sequence[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    session = _Session(args)
+    return _run_chat(session, args) if args.chat else _run_prompt(session, args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-        session = _Session(args)
-        return _run_chat(session, args) if args.chat else _run_prompt(session, args)
-    except UsageError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        return 1
-    except Exception as e:  # noqa: BLE001 - the contract is one line and exit 1
-        if os.environ.get("QWEN2_JAX_DEBUG"):
-            raise
-        print(f"{PROG}: error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
+    return run_cli(PROG, _main, argv)
 
 
 if __name__ == "__main__":

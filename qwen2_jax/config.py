@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 import importlib.resources
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from qwen2_jax.hf_config import (
     SUPPORTED_MODEL_TYPES,
@@ -92,11 +93,7 @@ class Qwen2Config:
         return tuple(types)
 
     def is_sparse_layer(self, i: int) -> bool:
-        return (
-            self.is_moe
-            and i not in self.mlp_only_layers
-            and (i + 1) % self.decoder_sparse_step == 0
-        )
+        return self.is_moe and i not in self.mlp_only_layers and (i + 1) % self.decoder_sparse_step == 0
 
     @property
     def layer_is_sliding(self) -> tuple[bool, ...]:
@@ -116,10 +113,10 @@ class Qwen2Config:
             return [("layers", tuple(runs[0]))]
         return [(f"layers_{s}", tuple(r)) for s, r in enumerate(runs)]
 
-    def replace(self, **changes) -> "Qwen2Config":
+    def replace(self, **changes) -> Qwen2Config:
         return dataclasses.replace(self, **changes)
 
-    def with_checkpoint_info(self, **changes) -> "Qwen2Config":
+    def with_checkpoint_info(self, **changes) -> Qwen2Config:
         return self.replace(checkpoint_info=self.checkpoint_info.replace(**changes))
 
     # --------------------------------------------------------------------------------- checking
@@ -128,45 +125,65 @@ class Qwen2Config:
             if not cond:
                 raise ConfigError(f"invalid Qwen2 config: {msg}")
 
-        need(self.model_type in SUPPORTED_MODEL_TYPES,
-             f"unsupported model_type {self.model_type!r} (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "max_position_embeddings"):
+        need(
+            self.model_type in SUPPORTED_MODEL_TYPES,
+            f"unsupported model_type {self.model_type!r} (supported: {', '.join(SUPPORTED_MODEL_TYPES)})",
+        )
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "max_position_embeddings",
+        ):
             value = getattr(self, name)
             need(isinstance(value, int) and value > 0, f"{name} must be a positive integer, got {value!r}")
-        need(self.num_attention_heads % self.num_key_value_heads == 0,
-             f"num_attention_heads ({self.num_attention_heads}) must be a multiple of num_key_value_heads "
-             f"({self.num_key_value_heads})")
+        need(
+            self.num_attention_heads % self.num_key_value_heads == 0,
+            f"num_attention_heads ({self.num_attention_heads}) must be a multiple of num_key_value_heads "
+            f"({self.num_key_value_heads})",
+        )
         if self.head_dim is None:
-            need(self.hidden_size % self.num_attention_heads == 0,
-                 f"hidden_size ({self.hidden_size}) is not divisible by num_attention_heads "
-                 f"({self.num_attention_heads}) and no head_dim is given")
+            need(
+                self.hidden_size % self.num_attention_heads == 0,
+                f"hidden_size ({self.hidden_size}) is not divisible by num_attention_heads "
+                f"({self.num_attention_heads}) and no head_dim is given",
+            )
         need(self.head_size % 2 == 0 and self.head_size > 0, f"head_dim must be even, got {self.head_size}")
         need(self.hidden_act == "silu", f"unsupported hidden_act {self.hidden_act!r} (Qwen2 uses 'silu')")
         need(self.rms_norm_eps > 0, f"rms_norm_eps must be > 0, got {self.rms_norm_eps!r}")
         need(self.rope_theta > 0, f"rope_theta must be > 0, got {self.rope_theta!r}")
         if self.use_sliding_window:
-            need(isinstance(self.sliding_window, int) and self.sliding_window > 0,
-                 f"use_sliding_window is set but sliding_window is {self.sliding_window!r}")
+            need(
+                isinstance(self.sliding_window, int) and self.sliding_window > 0,
+                f"use_sliding_window is set but sliding_window is {self.sliding_window!r}",
+            )
         if self.layer_types is not None:
-            need(len(self.layer_types) == self.num_hidden_layers,
-                 f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
+            need(
+                len(self.layer_types) == self.num_hidden_layers,
+                f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers",
+            )
             bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
             need(not bad, f"unknown layer_types {bad}")
         if self.model_type == "qwen2_moe" and self.num_experts > 0:
-            need(0 < self.num_experts_per_tok <= self.num_experts,
-                 f"num_experts_per_tok ({self.num_experts_per_tok}) must be in 1..num_experts ({self.num_experts})")
+            need(
+                0 < self.num_experts_per_tok <= self.num_experts,
+                f"num_experts_per_tok ({self.num_experts_per_tok}) must be in 1..num_experts ({self.num_experts})",
+            )
             need(self.moe_intermediate_size > 0, "moe_intermediate_size must be > 0")
             need(self.decoder_sparse_step >= 1, f"decoder_sparse_step must be >= 1, got {self.decoder_sparse_step}")
             bad = [i for i in self.mlp_only_layers if not 0 <= i < self.num_hidden_layers]
             need(not bad, f"mlp_only_layers {bad} are not layer indices")
-        need(self.intermediate_size > 0 or (self.is_moe and all(
-            self.is_sparse_layer(i) for i in range(self.num_hidden_layers))),
-             f"intermediate_size must be > 0, got {self.intermediate_size}")
+        need(
+            self.intermediate_size > 0
+            or (self.is_moe and all(self.is_sparse_layer(i) for i in range(self.num_hidden_layers))),
+            f"intermediate_size must be > 0, got {self.intermediate_size}",
+        )
 
     # ---------------------------------------------------------------------------------- HF I/O
     @classmethod
-    def from_hf(cls, source: Mapping[str, Any] | str | os.PathLike) -> "Qwen2Config":
+    def from_hf(cls, source: Mapping[str, Any] | str | os.PathLike) -> Qwen2Config:
         """From a config.json dict, a config.json path, or a checkpoint directory."""
         d, where = read_config_json(source)
         names = {f.name for f in dataclasses.fields(cls)} - {"checkpoint_info"}

@@ -61,11 +61,18 @@ class LoopInputs:
     max_new: jnp.ndarray  # scalar int32
 
 
-def _apply_model(spec: LoopSpec, params, ids_bt, positions_bt, mask_bt, cache: KVCache, write_index,
-                 logits_index_b=None):
+def _apply_model(
+    spec: LoopSpec, params, ids_bt, positions_bt, mask_bt, cache: KVCache, write_index, logits_index_b=None
+):
     out = Qwen2ForCausalLM(spec.config, spec.options).apply(
-        {"params": params}, ids_bt, positions_bt, mask_bt, cache=cache, write_index=write_index,
-        logits_index_b=logits_index_b)
+        {"params": params},
+        ids_bt,
+        positions_bt,
+        mask_bt,
+        cache=cache,
+        write_index=write_index,
+        logits_index_b=logits_index_b,
+    )
     return out["logits"], out["cache"]
 
 
@@ -82,8 +89,9 @@ def _choose(spec: LoopSpec, logits_bv, inputs: LoopInputs, step, seen):
 
 def prefill(spec: LoopSpec, params, cache: KVCache, ids_bp, mask_bp, active_b, inputs: LoopInputs) -> DecodeState:
     b, p = ids_bp.shape
-    logits, cache = _apply_model(spec, params, ids_bp, positions_from_mask(mask_bp), mask_bp, cache, 0,
-                                 jnp.full((b,), p - 1, jnp.int32))
+    logits, cache = _apply_model(
+        spec, params, ids_bp, positions_from_mask(mask_bp), mask_bp, cache, 0, jnp.full((b,), p - 1, jnp.int32)
+    )
     logits_bv = logits[:, 0]
     seen = None
     if spec.sampling.use_repetition_penalty:
@@ -95,9 +103,16 @@ def prefill(spec: LoopSpec, params, cache: KVCache, ids_bp, mask_bp, active_b, i
     recorded = None
     if spec.record_logits:
         recorded = jnp.zeros((b, spec.capacity, spec.config.vocab_size), jnp.float32).at[:, 0].set(logits_bv)
-    return DecodeState(cache=cache, tokens=tokens, last=jnp.maximum(first, 0),
-                       done=~active_b | _is_stop(first, inputs.eos), step=jnp.int32(1),
-                       lengths=jnp.sum(mask_bp, axis=1).astype(jnp.int32), seen=seen, logits=recorded)
+    return DecodeState(
+        cache=cache,
+        tokens=tokens,
+        last=jnp.maximum(first, 0),
+        done=~active_b | _is_stop(first, inputs.eos),
+        step=jnp.int32(1),
+        lengths=jnp.sum(mask_bp, axis=1).astype(jnp.int32),
+        seen=seen,
+        logits=recorded,
+    )
 
 
 def decode(spec: LoopSpec, params, state: DecodeState, inputs: LoopInputs, stop_step) -> DecodeState:
@@ -111,8 +126,9 @@ def decode(spec: LoopSpec, params, state: DecodeState, inputs: LoopInputs, stop_
     def body(s: DecodeState):
         slot = spec.prompt_len + s.step - 1  # where the token fed now goes
         positions = (s.lengths + s.step - 1)[:, None]
-        logits, cache = _apply_model(spec, params, s.last[:, None], positions, jnp.ones((b, 1), jnp.int32), s.cache,
-                                     slot)
+        logits, cache = _apply_model(
+            spec, params, s.last[:, None], positions, jnp.ones((b, 1), jnp.int32), s.cache, slot
+        )
         logits_bv = logits[:, 0]
         seen = s.seen
         if seen is not None:
@@ -122,9 +138,16 @@ def decode(spec: LoopSpec, params, state: DecodeState, inputs: LoopInputs, stop_
         recorded = s.logits
         if recorded is not None:
             recorded = jax.lax.dynamic_update_slice(recorded, logits_bv[:, None], (0, s.step, 0))
-        return DecodeState(cache=cache, tokens=tokens, last=jnp.where(s.done, s.last, new),
-                           done=s.done | _is_stop(new, inputs.eos), step=s.step + 1, lengths=s.lengths, seen=seen,
-                           logits=recorded)
+        return DecodeState(
+            cache=cache,
+            tokens=tokens,
+            last=jnp.where(s.done, s.last, new),
+            done=s.done | _is_stop(new, inputs.eos),
+            step=s.step + 1,
+            lengths=s.lengths,
+            seen=seen,
+            logits=recorded,
+        )
 
     return jax.lax.while_loop(cond, body, state)
 
@@ -154,5 +177,8 @@ def build_programs(spec: LoopSpec, trace_counts: collections.Counter) -> Program
         trace_counts["decode"] += 1
         return decode(spec, params, state, inputs, stop_step)
 
-    return Programs(whole=jax.jit(whole, donate_argnums=(1,)), prefill=jax.jit(prefill_only, donate_argnums=(1,)),
-                    decode=jax.jit(decode_chunk, donate_argnums=(1,)))
+    return Programs(
+        whole=jax.jit(whole, donate_argnums=(1,)),
+        prefill=jax.jit(prefill_only, donate_argnums=(1,)),
+        decode=jax.jit(decode_chunk, donate_argnums=(1,)),
+    )

@@ -14,33 +14,41 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import sys
 import tempfile
 import time
 
+import jax
 import numpy as np
+from safetensors.numpy import save_file
+
+from qwen2_jax import atomic, cli
+from qwen2_jax.config import CheckpointInfo, Qwen2Config
+from qwen2_jax.hf_keys import hf_table
+from qwen2_jax.params import init_params
+from qwen2_jax.tokenizer import load_tokenizer
+from qwen2_jax.tokenizer_build import write_qwen2_tokenizer
 
 
-def demo_config(layers: int = 4, hidden: int = 256):
-    from qwen2_jax.config import CheckpointInfo, Qwen2Config
-
+def demo_config(layers: int = 4, hidden: int = 256) -> Qwen2Config:
     heads = max(2, hidden // 64)
-    return Qwen2Config(vocab_size=151936, hidden_size=hidden, intermediate_size=hidden * 11 // 4,
-                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
-                       max_position_embeddings=32768, rope_theta=1000000.0, tie_word_embeddings=True,
-                       checkpoint_info=CheckpointInfo(bos_token_id=151643, eos_token_id=151645, torch_dtype="float32"))
+    return Qwen2Config(
+        vocab_size=151936,
+        hidden_size=hidden,
+        intermediate_size=hidden * 11 // 4,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 2),
+        max_position_embeddings=32768,
+        rope_theta=1000000.0,
+        tie_word_embeddings=True,
+        checkpoint_info=CheckpointInfo(bos_token_id=151643, eos_token_id=151645, torch_dtype="float32"),
+    )
 
 
-def write_random_checkpoint(directory: str, config, seed: int = 0) -> None:
+def write_random_checkpoint(directory: str, config: Qwen2Config, seed: int = 0) -> None:
     """config.json + generation_config.json + model.safetensors (float32) of random init params."""
-    import jax
-    from safetensors.numpy import save_file
-
-    from qwen2_jax.hf_keys import hf_table
-    from qwen2_jax.params import init_params
-
     os.makedirs(directory, exist_ok=True)
     params = jax.device_get(init_params(config, jax.random.key(seed)))
     tensors = {}
@@ -52,11 +60,17 @@ def write_random_checkpoint(directory: str, config, seed: int = 0) -> None:
         tensors[entry.hf_key] = np.ascontiguousarray(entry.to_hf(value), dtype=np.float32)
     save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
     config.save_hf(directory)
-    generation = {"bos_token_id": 151643, "pad_token_id": 151643, "do_sample": True,
-                  "eos_token_id": [151645, 151643], "repetition_penalty": 1.1, "temperature": 0.7, "top_p": 0.8,
-                  "top_k": 20}
-    with open(os.path.join(directory, "generation_config.json"), "w") as f:
-        json.dump(generation, f, indent=2)
+    generation = {
+        "bos_token_id": 151643,
+        "pad_token_id": 151643,
+        "do_sample": True,
+        "eos_token_id": [151645, 151643],
+        "repetition_penalty": 1.1,
+        "temperature": 0.7,
+        "top_p": 0.8,
+        "top_k": 20,
+    }
+    atomic.write_json(os.path.join(directory, "generation_config.json"), generation)
 
 
 def _banner(text: str) -> None:
@@ -64,15 +78,15 @@ def _banner(text: str) -> None:
 
 
 def run(directory: str, layers: int, hidden: int) -> int:
-    from qwen2_jax import cli
-    from qwen2_jax.tokenizer import load_tokenizer, write_qwen2_tokenizer
-
     t0 = time.perf_counter()
     write_qwen2_tokenizer(directory)
     config = demo_config(layers, hidden)
     write_random_checkpoint(directory, config)
-    print(f"wrote the Qwen2 tokenizer and a random {layers}-layer, hidden-{hidden} Qwen2 checkpoint to {directory} "
-          f"in {time.perf_counter() - t0:.1f}s", flush=True)
+    print(
+        f"wrote the Qwen2 tokenizer and a random {layers}-layer, hidden-{hidden} Qwen2 checkpoint to {directory} "
+        f"in {time.perf_counter() - t0:.1f}s",
+        flush=True,
+    )
 
     tok = load_tokenizer(directory)
     messages = [{"role": "user", "content": "Write a haiku about JAX."}]
@@ -83,8 +97,10 @@ def run(directory: str, layers: int, hidden: int) -> int:
     print(f"-> {len(ids)} tokens: {ids}")
 
     base = ["--checkpoint", directory, "--max-new-tokens", "48"]
-    _banner(f"qwen2-generate --checkpoint {directory} --prompt 'Write a haiku about JAX.' --chat-template "
-            "--max-new-tokens 48   (sampling defaults from generation_config.json; streamed)")
+    _banner(
+        f"qwen2-generate --checkpoint {directory} --prompt 'Write a haiku about JAX.' --chat-template "
+        "--max-new-tokens 48   (sampling defaults from generation_config.json; streamed)"
+    )
     rc = cli.main(base + ["--prompt", "Write a haiku about JAX.", "--chat-template"])
     if rc:
         return rc

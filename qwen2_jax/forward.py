@@ -47,15 +47,28 @@ def batch_input(x, sharding: ShardingContext | None):
 
 
 @functools.partial(jax.jit, static_argnames=("config", "options", "output_hidden_states", "output_router_logits"))
-def _forward(params, input_ids_bt, attention_mask_bt, *, config, options, output_hidden_states,
-             output_router_logits):
+def _forward(params, input_ids_bt, attention_mask_bt, *, config, options, output_hidden_states, output_router_logits):
     model = Qwen2ForCausalLM(config, options)
-    return model.apply({"params": params}, input_ids_bt, positions_from_mask(attention_mask_bt), attention_mask_bt,
-                       output_hidden_states=output_hidden_states, output_router_logits=output_router_logits)
+    return model.apply(
+        {"params": params},
+        input_ids_bt,
+        positions_from_mask(attention_mask_bt),
+        attention_mask_bt,
+        output_hidden_states=output_hidden_states,
+        output_router_logits=output_router_logits,
+    )
 
 
-def forward_outputs(config: Qwen2Config, params, input_ids, attention_mask=None, *, options: RunOptions | None = None,
-                    output_hidden_states: bool = False, output_router_logits: bool = False):
+def forward_outputs(
+    config: Qwen2Config,
+    params,
+    input_ids,
+    attention_mask=None,
+    *,
+    options: RunOptions | None = None,
+    output_hidden_states: bool = False,
+    output_router_logits: bool = False,
+):
     """All outputs of the forward pass (logits, and hidden states / router logits when asked).
 
     options: how to run (compute dtype, scan unroll, MoE kernels, ...); its param_dtype and sharding
@@ -65,9 +78,15 @@ def forward_outputs(config: Qwen2Config, params, input_ids, attention_mask=None,
     attention_mask = batch.get("attention_mask", np.ones_like(input_ids))
     sharding = sharding_of(params)
     options = (options or RunOptions()).for_params(params, sharding)
-    return _forward(params, batch_input(input_ids, sharding), batch_input(attention_mask, sharding), config=config,
-                    options=options, output_hidden_states=output_hidden_states,
-                    output_router_logits=output_router_logits)
+    return _forward(
+        params,
+        batch_input(input_ids, sharding),
+        batch_input(attention_mask, sharding),
+        config=config,
+        options=options,
+        output_hidden_states=output_hidden_states,
+        output_router_logits=output_router_logits,
+    )
 
 
 def forward(config: Qwen2Config, params, input_ids, attention_mask=None):

@@ -25,7 +25,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import weakref
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -84,7 +85,7 @@ class GenerateOptions:
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {n!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
-        self.sampling  # validates the sampling values
+        SamplingParams(self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty)  # validates
 
     @property
     def sampling(self) -> SamplingParams:
@@ -117,16 +118,25 @@ class Generator:
     model plus one leaf) instead of copying them.
     """
 
-    def __init__(self, config: Qwen2Config, params, *, layer_layout: str = "per_layer",
-                 kernel_layout: str | None = None, scan_unroll: int = 1, consume: bool = False):
+    def __init__(
+        self,
+        config: Qwen2Config,
+        params,
+        *,
+        layer_layout: str = "per_layer",
+        kernel_layout: str | None = None,
+        scan_unroll: int = 1,
+        consume: bool = False,
+    ):
         if layer_layout not in LAYER_LAYOUTS:
             raise ValueError(f"layer_layout must be one of {LAYER_LAYOUTS}, got {layer_layout!r}")
         sharding = sharding_of(params)
         if kernel_layout is None:
             kernel_layout = default_kernel_layout(sharding is not None) if layer_layout == "per_layer" else "in_out"
         self.config = config
-        self.options = RunOptions(layer_layout=layer_layout, kernel_layout=kernel_layout,
-                                  scan_unroll=scan_unroll).for_params(params, sharding)
+        self.options = RunOptions(
+            layer_layout=layer_layout, kernel_layout=kernel_layout, scan_unroll=scan_unroll
+        ).for_params(params, sharding)
         self.params = relayout(config, params, self.options, consume=consume)
         self.trace_counts: collections.Counter = collections.Counter()
         self._programs: dict[LoopSpec, Programs] = {}
@@ -149,7 +159,7 @@ class Generator:
         out: dict[str, Any] = {"tokens": tokens}
         if output_logits:
             logits = np.asarray(jax.device_get(state.logits))
-            out["logits"] = [logits[i, :len(t)] for i, t in enumerate(tokens)]
+            out["logits"] = [logits[i, : len(t)] for i, t in enumerate(tokens)]
         return out
 
     def stream(self, prompts, options: GenerateOptions, chunk_size: int = 1) -> Iterator[list[int | None]]:
@@ -169,12 +179,12 @@ class Generator:
             tokens = np.asarray(jax.device_get(state.tokens))
             made = int(state.step)
             for j in range(emitted, made):
-                column = tokens[:job.num_rows, j]
+                column = tokens[: job.num_rows, j]
                 if np.all(column < 0):
                     return
                 yield [int(t) if t >= 0 else None for t in column]
             emitted = made
-            done = np.asarray(jax.device_get(state.done))[:job.num_rows]
+            done = np.asarray(jax.device_get(state.done))[: job.num_rows]
             if made >= job.max_new or done.all():
                 return
             state = decode(self.params, state, inputs, jnp.int32(made + chunk_size))
@@ -191,8 +201,11 @@ class Generator:
         if job.spec not in self._stream_executables:
             programs = self._programs_for(job.spec)
             prefill = programs.prefill.lower(self.params, *job.args).compile()
-            state = jax.tree.map(lambda info, sh: jax.ShapeDtypeStruct(info.shape, info.dtype, sharding=sh),
-                                 prefill.out_info, prefill.output_shardings)
+            state = jax.tree.map(
+                lambda info, sh: jax.ShapeDtypeStruct(info.shape, info.dtype, sharding=sh),
+                prefill.out_info,
+                prefill.output_shardings,
+            )
             decode = programs.decode.lower(self.params, state, job.args[-1], jnp.int32(0)).compile()
             self._stream_executables[job.spec] = (prefill, decode)
         return self._stream_executables[job.spec]
@@ -203,9 +216,11 @@ class Generator:
         longest = max(len(p) for p in prompts)
         context = config.max_position_embeddings
         if longest + options.max_new_tokens > context and not options.allow_context_overflow:
-            raise ValueError(f"prompt of {longest} tokens + max_new_tokens {options.max_new_tokens} runs past the "
-                             f"model's context of {context} tokens (max_position_embeddings); shorten the request "
-                             "or allow_context_overflow=True")
+            raise ValueError(
+                f"prompt of {longest} tokens + max_new_tokens {options.max_new_tokens} runs past the "
+                f"model's context of {context} tokens (max_position_embeddings); shorten the request "
+                "or allow_context_overflow=True"
+            )
         eos = options.stop_tokens(config)
         sharding = self.options.sharding
         rows = len(prompts)
@@ -215,26 +230,52 @@ class Generator:
         ids = np.zeros((b, p), np.int32)
         mask = np.zeros((b, p), np.int32)
         for i, x in enumerate(prompts):
-            ids[i, p - len(x):] = x
-            mask[i, p - len(x):] = 1
+            ids[i, p - len(x) :] = x
+            mask[i, p - len(x) :] = 1
         mask[rows:, -1] = 1  # batch padding rows: one dummy token, marked done from the start
         active = np.arange(b) < rows
-        spec = LoopSpec(config=config, options=self.options, batch=b, prompt_len=p, capacity=n,
-                        sampling=options.sampling.mode(config.vocab_size), num_eos=len(eos),
-                        record_logits=record_logits)
+        spec = LoopSpec(
+            config=config,
+            options=self.options,
+            batch=b,
+            prompt_len=p,
+            capacity=n,
+            sampling=options.sampling.mode(config.vocab_size),
+            num_eos=len(eos),
+            record_logits=record_logits,
+        )
 
         def put(x, names):
             x = jnp.asarray(x)
             return jax.device_put(x, sharding.sharding(names, x.shape)) if sharding is not None else x
 
-        inputs = LoopInputs(row_ids=put(np.arange(b, dtype=np.int32), ("batch",)),
-                            key=jax.random.key(int(options.seed)), values=options.sampling.values(),
-                            eos=jnp.asarray(np.array(eos, np.int32)), max_new=jnp.int32(options.max_new_tokens))
-        cache = init_cache(config, b, spec.num_slots, self.options.compute_dtype,
-                           per_layer=self.options.layer_layout == "per_layer", sharding=sharding)
-        return _Job(spec=spec, args=(cache, put(ids, ("batch", "length")), put(mask, ("batch", "length")),
-                                     put(active, ("batch",)), inputs),
-                    num_rows=rows, max_new=int(options.max_new_tokens))
+        inputs = LoopInputs(
+            row_ids=put(np.arange(b, dtype=np.int32), ("batch",)),
+            key=jax.random.key(int(options.seed)),
+            values=options.sampling.values(),
+            eos=jnp.asarray(np.array(eos, np.int32)),
+            max_new=jnp.int32(options.max_new_tokens),
+        )
+        cache = init_cache(
+            config,
+            b,
+            spec.num_slots,
+            self.options.compute_dtype,
+            per_layer=self.options.layer_layout == "per_layer",
+            sharding=sharding,
+        )
+        return _Job(
+            spec=spec,
+            args=(
+                cache,
+                put(ids, ("batch", "length")),
+                put(mask, ("batch", "length")),
+                put(active, ("batch",)),
+                inputs,
+            ),
+            num_rows=rows,
+            max_new=int(options.max_new_tokens),
+        )
 
 
 def check_prompts(config: Qwen2Config, prompts) -> list[list[int]]:
@@ -259,7 +300,7 @@ def _rows_from(tokens: np.ndarray, num_rows: int, max_new: int) -> list[list[int
     out = []
     for row in tokens[:num_rows, :max_new]:
         stop = np.flatnonzero(row < 0)
-        out.append(row[:stop[0] if stop.size else max_new].tolist())
+        out.append(row[: stop[0] if stop.size else max_new].tolist())
     return out
 
 
@@ -282,8 +323,12 @@ def generator_for(config: Qwen2Config, params, **settings) -> Generator:
     anchor = jax.tree.leaves(params[config.layer_segments()[0][0]])[0]
     key = id(anchor)
     found = _GENERATORS.get(key)
-    if found is not None and found[0]() is anchor and found[1] == tuple(map(id, leaves)) \
-            and found[2] == (config, settings):
+    if (
+        found is not None
+        and found[0]() is anchor
+        and found[1] == tuple(map(id, leaves))
+        and found[2] == (config, settings)
+    ):
         return found[3]
     generator = Generator(config, params, **settings)
     if generator.options.layer_layout == "stacked":
@@ -312,15 +357,17 @@ def generate(config: Qwen2Config, params, prompts, max_new_tokens: int, *args, *
     return generator_for(config, params, **settings).generate(prompts, request)
 
 
-def generate_outputs(config: Qwen2Config, params, prompts, max_new_tokens: int, *args, output_logits: bool = False,
-                     **kwargs) -> dict:
+def generate_outputs(
+    config: Qwen2Config, params, prompts, max_new_tokens: int, *args, output_logits: bool = False, **kwargs
+) -> dict:
     """`generate` with details: {"tokens": ..., "logits": ...} (see Generator.generate_outputs)."""
     settings, request = _split(config, max_new_tokens, args, kwargs)
     return generator_for(config, params, **settings).generate_outputs(prompts, request, output_logits)
 
 
-def generate_stream(config: Qwen2Config, params, prompts, max_new_tokens: int, *args, chunk_size: int = 1,
-                    **kwargs) -> Iterator[list[int | None]]:
+def generate_stream(
+    config: Qwen2Config, params, prompts, max_new_tokens: int, *args, chunk_size: int = 1, **kwargs
+) -> Iterator[list[int | None]]:
     """Yield one list per generated position (see Generator.stream); concatenating a row's tokens
     gives exactly `generate`'s row for the same arguments."""
     settings, request = _split(config, max_new_tokens, args, kwargs)

@@ -14,17 +14,36 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
+
+from qwen2_jax import atomic
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen2_moe")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "yarn")
 
 # transformers' Qwen2MoeConfig defaults where they differ from the dense Qwen2Config's.
-_MOE_DEFAULTS = dict(num_experts=60, num_experts_per_tok=4, moe_intermediate_size=1408,
-                     shared_expert_intermediate_size=5632, hidden_size=2048, intermediate_size=5632,
-                     num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16)
-_MOE_FIELDS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size",
-               "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers", "router_aux_loss_coef")
+_MOE_DEFAULTS = dict(
+    num_experts=60,
+    num_experts_per_tok=4,
+    moe_intermediate_size=1408,
+    shared_expert_intermediate_size=5632,
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    num_key_value_heads=16,
+)
+_MOE_FIELDS = (
+    "num_experts",
+    "num_experts_per_tok",
+    "moe_intermediate_size",
+    "shared_expert_intermediate_size",
+    "norm_topk_prob",
+    "decoder_sparse_step",
+    "mlp_only_layers",
+    "router_aux_loss_coef",
+)
 # Fields transformers' config carries that change nothing we compute; written back with HF's values.
 _HF_ONLY_DEFAULTS = {"use_cache": True, "attention_dropout": 0.0}
 _HF_ONLY_MOE_DEFAULTS = {"output_router_logits": False}
@@ -71,7 +90,7 @@ class CheckpointInfo:
             return (self.eos_token_id,)
         return tuple(self.eos_token_id)
 
-    def replace(self, **changes) -> "CheckpointInfo":
+    def replace(self, **changes) -> CheckpointInfo:
         return dataclasses.replace(self, **changes)
 
 
@@ -84,7 +103,8 @@ def rope_from_dict(d: Mapping[str, Any] | None, where: str) -> RopeScaling:
     d.pop("rope_theta", None)
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ConfigError(
-            f"{where}: unsupported rope type {rope_type!r} (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+            f"{where}: unsupported rope type {rope_type!r} (supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
+        )
     known = {f.name for f in dataclasses.fields(RopeScaling)}
     unknown = sorted(set(d) - known)
     if unknown:
@@ -121,7 +141,8 @@ def fields_from_hf(d: Mapping[str, Any], where: str, field_names: set[str]) -> t
     model_type = d.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ConfigError(
-            f"{where}: unsupported model_type {model_type!r} (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+            f"{where}: unsupported model_type {model_type!r} (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
     rope_params = d.get("rope_parameters") or {}
     theta = rope_params.get("rope_theta", d.get("rope_theta", 10000.0))
     kwargs: dict[str, Any] = {k: v for k, v in d.items() if k in field_names}
@@ -145,10 +166,12 @@ def fields_from_hf(d: Mapping[str, Any], where: str, field_names: set[str]) -> t
         kwargs.pop("head_dim", None)
     eos = d.get("eos_token_id")
     dtype = d.get("torch_dtype") or d.get("dtype")
-    info = CheckpointInfo(bos_token_id=d.get("bos_token_id"),
-                          eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
-                          pad_token_id=d.get("pad_token_id"),
-                          torch_dtype=dtype if isinstance(dtype, str) else None)
+    info = CheckpointInfo(
+        bos_token_id=d.get("bos_token_id"),
+        eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+        pad_token_id=d.get("pad_token_id"),
+        torch_dtype=dtype if isinstance(dtype, str) else None,
+    )
     return kwargs, info
 
 
@@ -180,8 +203,4 @@ def fields_to_hf(fields: Mapping[str, Any], info: CheckpointInfo) -> dict[str, A
 
 def save_config_json(hf_dict: Mapping[str, Any], directory: str | os.PathLike) -> None:
     os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, "config.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(dict(hf_dict), f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    atomic.write_json(os.path.join(directory, "config.json"), dict(hf_dict), sort_keys=True)

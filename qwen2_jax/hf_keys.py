@@ -86,25 +86,42 @@ def _moe_entries(cfg: Qwen2Config, prefix: str, seg: str, j: int) -> list[Entry]
     for x in range(e):
         out += _mlp_entries(f"{prefix}.experts.{x}", mlp + ("experts",), (j, x), d, f)
     if cfg.shared_expert_intermediate_size > 0:
-        out += _mlp_entries(f"{prefix}.shared_expert", mlp + ("shared_expert",), (j,), d,
-                            cfg.shared_expert_intermediate_size)
-        out.append(Entry(f"{prefix}.shared_expert_gate.weight", mlp + ("shared_expert_gate_kernel",), (j,),
-                         (1, d), (d, 1), "transpose"))
+        out += _mlp_entries(
+            f"{prefix}.shared_expert", mlp + ("shared_expert",), (j,), d, cfg.shared_expert_intermediate_size
+        )
+        out.append(
+            Entry(
+                f"{prefix}.shared_expert_gate.weight",
+                mlp + ("shared_expert_gate_kernel",),
+                (j,),
+                (1, d),
+                (d, 1),
+                "transpose",
+            )
+        )
     return out
 
 
 def hf_table(cfg: Qwen2Config) -> list[Entry]:
     d = cfg.hidden_size
-    table = [Entry("model.embed_tokens.weight", ("embed_tokens",), (), (cfg.vocab_size, d), (cfg.vocab_size, d),
-                   "identity")]
+    table = [
+        Entry("model.embed_tokens.weight", ("embed_tokens",), (), (cfg.vocab_size, d), (cfg.vocab_size, d), "identity")
+    ]
     for seg, layer_ids in cfg.layer_segments():
         for j, i in enumerate(layer_ids):
             prefix = f"model.layers.{i}"
             table += [
-                Entry(f"{prefix}.input_layernorm.weight", (seg, "input_layernorm", "scale"), (j,), (d,), (d,),
-                      "identity"),
-                Entry(f"{prefix}.post_attention_layernorm.weight", (seg, "post_attention_layernorm", "scale"), (j,),
-                      (d,), (d,), "identity"),
+                Entry(
+                    f"{prefix}.input_layernorm.weight", (seg, "input_layernorm", "scale"), (j,), (d,), (d,), "identity"
+                ),
+                Entry(
+                    f"{prefix}.post_attention_layernorm.weight",
+                    (seg, "post_attention_layernorm", "scale"),
+                    (j,),
+                    (d,),
+                    (d,),
+                    "identity",
+                ),
             ]
             table += _attention_entries(cfg, prefix, seg, j)
             if cfg.is_sparse_layer(i):

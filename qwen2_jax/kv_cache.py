@@ -47,8 +47,9 @@ def cache_shapes(config: Qwen2Config, batch_size: int, num_slots: int, per_layer
     return [(len(layers),) + shape for _, layers in config.layer_segments()]
 
 
-def init_cache(config: Qwen2Config, batch_size: int, num_slots: int, dtype=jnp.bfloat16,
-               per_layer: bool = False, sharding=None) -> KVCache:
+def init_cache(
+    config: Qwen2Config, batch_size: int, num_slots: int, dtype=jnp.bfloat16, per_layer: bool = False, sharding=None
+) -> KVCache:
     """An empty cache (all slots pos -1), each array created straight into its sharding when
     `sharding` (a ShardingContext) is given: batch over the data axes, kv heads over tensor."""
     shapes = cache_shapes(config, batch_size, num_slots, per_layer)
@@ -57,9 +58,11 @@ def init_cache(config: Qwen2Config, batch_size: int, num_slots: int, dtype=jnp.b
     else:
         placed = cache_shardings(config, batch_size, num_slots, per_layer, sharding)
     dtype = jnp.dtype(dtype)
-    return KVCache(k=tuple(jnp.zeros(s, dtype, device=d) for s, d in zip(shapes, placed.k)),
-                   v=tuple(jnp.zeros(s, dtype, device=d) for s, d in zip(shapes, placed.v)),
-                   pos=jnp.full((batch_size, num_slots), -1, jnp.int32, device=placed.pos))
+    return KVCache(
+        k=tuple(jnp.zeros(s, dtype, device=d) for s, d in zip(shapes, placed.k)),
+        v=tuple(jnp.zeros(s, dtype, device=d) for s, d in zip(shapes, placed.v)),
+        pos=jnp.full((batch_size, num_slots), -1, jnp.int32, device=placed.pos),
+    )
 
 
 def cache_shardings(config: Qwen2Config, batch_size: int, num_slots: int, per_layer: bool, sharding):

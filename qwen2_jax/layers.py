@@ -93,15 +93,18 @@ def rope_inv_freq(config: Qwen2Config, max_position=None):
     rope = config.rope_scaling
     exponents = jnp.arange(0, dim, 2, dtype=jnp.float32) / dim
     if rope.rope_type == "default":
-        return 1.0 / (base ** exponents), 1.0
+        return 1.0 / (base**exponents), 1.0
     if rope.rope_type == "linear":
-        return 1.0 / (base ** exponents) / rope.factor, 1.0
+        return 1.0 / (base**exponents) / rope.factor, 1.0
     if rope.rope_type == "dynamic":
         max_pos = config.max_position_embeddings
-        seq_len = jnp.float32(max_pos) if max_position is None else jnp.maximum(
-            max_position.astype(jnp.float32) + 1.0, max_pos)
+        seq_len = (
+            jnp.float32(max_pos)
+            if max_position is None
+            else jnp.maximum(max_position.astype(jnp.float32) + 1.0, max_pos)
+        )
         grown = base * ((rope.factor * seq_len / max_pos) - (rope.factor - 1)) ** (dim / (dim - 2))
-        return 1.0 / (grown ** exponents), 1.0
+        return 1.0 / (grown**exponents), 1.0
     if rope.rope_type == "yarn":
         return _yarn_inv_freq(config)
     raise ValueError(f"unsupported rope type {rope.rope_type!r}")
@@ -200,9 +203,16 @@ def attention_core(q_btnh, k_bskh, v_bskh, mask_b1ts, scale, write_index=None):
     outs = []
     for start in range(0, t, block):
         end = min(start + block, t)  # the mask is causal by slot: keys past `end` are invisible to this block
-        outs.append(jax.nn.dot_product_attention(q_btnh[:, start:end], k_bskh[:, :end], v_bskh[:, :end],
-                                                 mask=mask_b1ts[:, :, start:end, :end], scale=scale,
-                                                 implementation=None))
+        outs.append(
+            jax.nn.dot_product_attention(
+                q_btnh[:, start:end],
+                k_bskh[:, :end],
+                v_bskh[:, :end],
+                mask=mask_b1ts[:, :, start:end, :end],
+                scale=scale,
+                implementation=None,
+            )
+        )
     return jnp.concatenate(outs, axis=1).astype(out_dtype)
 
 
@@ -211,8 +221,7 @@ class Attention(nn.Module):
     options: RunOptions
 
     @nn.compact
-    def __call__(self, x_btd, cos_bth, sin_bth, mask_b1ts, cache_k_bskh=None, cache_v_bskh=None,
-                 write_index=None):
+    def __call__(self, x_btd, cos_bth, sin_bth, mask_b1ts, cache_k_bskh=None, cache_v_bskh=None, write_index=None):
         cfg, opt = self.config, self.options
         d, n, k, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size
         init = normal_init(cfg)
@@ -241,8 +250,9 @@ class Attention(nn.Module):
             keys, values = cache_k_bskh.astype(opt.compute_dtype), cache_v_bskh.astype(opt.compute_dtype)
         else:
             keys, values = k_btkh, v_btkh
-        out_btnh = attention_core(q_btnh, keys, values, mask_b1ts, h ** -0.5,
-                                  None if cache_k_bskh is None else write_index).astype(opt.compute_dtype)
+        out_btnh = attention_core(
+            q_btnh, keys, values, mask_b1ts, h**-0.5, None if cache_k_bskh is None else write_index
+        ).astype(opt.compute_dtype)
         out_btd = project(out_btnh, wo, "btnh,nhd->btd", opt, "o_kernel")
         return opt.constrain(out_btd, ("batch", "length", "act_embed")), (cache_k_bskh, cache_v_bskh)
 

@@ -68,8 +68,9 @@ def relayout(config: Qwen2Config, params: dict, options: RunOptions, consume: bo
             else:
                 targets = [(segment,) + rest]
                 perm = _permutation(src, _get(dst_axes, targets[0]))
-            moved = _move_fn(len(layer_ids) if per_layer else None, perm,
-                             tuple(_get(dst_shardings, t) for t in targets))(leaf)
+            moved = _move_fn(
+                len(layer_ids) if per_layer else None, perm, tuple(_get(dst_shardings, t) for t in targets)
+            )(leaf)
             for target, value in zip(targets, moved):
                 _set(out, target, value)
             if consume:

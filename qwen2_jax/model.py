@@ -48,7 +48,8 @@ class DecoderLayer(nn.Module):
         residual = x_btd
         h = RMSNorm(cfg.rms_norm_eps, opt.param_dtype, name="input_layernorm")(x_btd)
         attn_out, (cache_k, cache_v) = Attention(cfg, opt, name="self_attn")(
-            h, cos_bth, sin_bth, mask, cache_k, cache_v, write_index)
+            h, cos_bth, sin_bth, mask, cache_k, cache_v, write_index
+        )
         x_btd = residual + attn_out
         residual = x_btd
         h = RMSNorm(cfg.rms_norm_eps, opt.param_dtype, name="post_attention_layernorm")(x_btd)
@@ -86,18 +87,34 @@ class Qwen2ForCausalLM(nn.Module):
     options: RunOptions = RunOptions()
 
     @nn.compact
-    def __call__(self, input_ids_bt, positions_bt, attention_mask_bt, cache: KVCache | None = None,
-                 write_index=0, logits_index_b=None, output_hidden_states: bool = False,
-                 output_router_logits: bool = False, return_logits: bool = True):
+    def __call__(
+        self,
+        input_ids_bt,
+        positions_bt,
+        attention_mask_bt,
+        cache: KVCache | None = None,
+        write_index=0,
+        logits_index_b=None,
+        output_hidden_states: bool = False,
+        output_router_logits: bool = False,
+        return_logits: bool = True,
+    ):
         """Returns a dict: logits [b, t, vocab] float32 (or [b, 1, vocab] at `logits_index_b`; with
         return_logits=False, `final_hidden` [b, t, d] after the final norm instead), and `cache`,
         `hidden_states` (HF's convention: embeddings, each layer's output, the last one after the
         final norm), `router_logits` when asked."""
         cfg, opt = self.config, self.options
-        embedding = param(self, "embed_tokens", normal_init(cfg), (cfg.vocab_size, cfg.hidden_size),
-                          opt.param_dtype, ("vocab", "embed"))
-        x_btd = opt.constrain(jnp.take(embedding, input_ids_bt, axis=0).astype(opt.compute_dtype),
-                              ("batch", "length", "act_embed"))
+        embedding = param(
+            self,
+            "embed_tokens",
+            normal_init(cfg),
+            (cfg.vocab_size, cfg.hidden_size),
+            opt.param_dtype,
+            ("vocab", "embed"),
+        )
+        x_btd = opt.constrain(
+            jnp.take(embedding, input_ids_bt, axis=0).astype(opt.compute_dtype), ("batch", "length", "act_embed")
+        )
         cos_bth, sin_bth = rotary_tables(cfg, positions_bt, opt.compute_dtype)
 
         t = input_ids_bt.shape[1]
@@ -109,15 +126,28 @@ class Qwen2ForCausalLM(nn.Module):
             k_pos_bs = jax.lax.dynamic_update_slice(cache.pos, new_pos_bt, (0, write_index))
             k_slot_s = jnp.arange(cache.num_slots)
         mask_full = attention_mask(q_slot_t, positions_bt, k_slot_s, k_pos_bs, None)
-        mask_sliding = (attention_mask(q_slot_t, positions_bt, k_slot_s, k_pos_bs, cfg.sliding_window)
-                        if any(cfg.layer_is_sliding) else None)
+        mask_sliding = (
+            attention_mask(q_slot_t, positions_bt, k_slot_s, k_pos_bs, cfg.sliding_window)
+            if any(cfg.layer_is_sliding)
+            else None
+        )
 
         layer_cls = DecoderLayer
         if opt.remat != "none":
             layer_cls = nn.remat(DecoderLayer, prevent_cse=False, policy=REMAT_POLICIES[opt.remat])
         run = self._per_layer if opt.layer_layout == "per_layer" else self._stacked
-        x_btd, layer_outs = run(layer_cls, x_btd, cos_bth, sin_bth, mask_full, mask_sliding, write_index, cache,
-                                output_hidden_states, output_router_logits)
+        x_btd, layer_outs = run(
+            layer_cls,
+            x_btd,
+            cos_bth,
+            sin_bth,
+            mask_full,
+            mask_sliding,
+            write_index,
+            cache,
+            output_hidden_states,
+            output_router_logits,
+        )
 
         x_btd = RMSNorm(cfg.rms_norm_eps, opt.param_dtype, name="norm")(x_btd)
         out: dict[str, Any] = {}
@@ -132,8 +162,14 @@ class Qwen2ForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             head = embedding
         else:
-            head = param(self, "lm_head", normal_init(cfg), (cfg.hidden_size, cfg.vocab_size), opt.param_dtype,
-                         ("embed", "vocab"))
+            head = param(
+                self,
+                "lm_head",
+                normal_init(cfg),
+                (cfg.hidden_size, cfg.vocab_size),
+                opt.param_dtype,
+                ("embed", "vocab"),
+            )
         if return_logits:
             logits = vocab_logits(x_btd, head, cfg.tie_word_embeddings, opt.compute_dtype)
             out["logits"] = opt.constrain(logits, ("batch", "length", "act_vocab"))
@@ -141,8 +177,19 @@ class Qwen2ForCausalLM(nn.Module):
             out["final_hidden"] = x_btd
         return out
 
-    def _stacked(self, layer_cls, x_btd, cos_bth, sin_bth, mask_full, mask_sliding, write_index, cache,
-                 output_hidden_states, output_router_logits):
+    def _stacked(
+        self,
+        layer_cls,
+        x_btd,
+        cos_bth,
+        sin_bth,
+        mask_full,
+        mask_sliding,
+        write_index,
+        cache,
+        output_hidden_states,
+        output_router_logits,
+    ):
         cfg, opt = self.config, self.options
         outs: dict[str, list] = {"hidden": [x_btd], "router_logits": [], "cache_k": [], "cache_v": []}
         for s, (name, layer_ids) in enumerate(cfg.layer_segments()):
@@ -158,8 +205,9 @@ class Qwen2ForCausalLM(nn.Module):
             is_sliding_l = jnp.array([cfg.layer_is_sliding[i] for i in layer_ids])
             cache_k = cache.k[s] if cache is not None else None
             cache_v = cache.v[s] if cache is not None else None
-            x_btd, seg = scanned(x_btd, cos_bth, sin_bth, mask_full, mask_sliding, write_index, is_sliding_l,
-                                 cache_k, cache_v)
+            x_btd, seg = scanned(
+                x_btd, cos_bth, sin_bth, mask_full, mask_sliding, write_index, is_sliding_l, cache_k, cache_v
+            )
             outs["cache_k"].append(seg["cache_k"])
             outs["cache_v"].append(seg["cache_v"])
             for key in ("hidden", "router_logits"):
@@ -167,16 +215,37 @@ class Qwen2ForCausalLM(nn.Module):
                     outs[key].extend(seg[key][j] for j in range(len(layer_ids)))
         return x_btd, outs
 
-    def _per_layer(self, layer_cls, x_btd, cos_bth, sin_bth, mask_full, mask_sliding, write_index, cache,
-                   output_hidden_states, output_router_logits):
+    def _per_layer(
+        self,
+        layer_cls,
+        x_btd,
+        cos_bth,
+        sin_bth,
+        mask_full,
+        mask_sliding,
+        write_index,
+        cache,
+        output_hidden_states,
+        output_router_logits,
+    ):
         cfg, opt = self.config, self.options
         outs: dict[str, list] = {"hidden": [x_btd], "router_logits": [], "cache_k": [], "cache_v": []}
         for i in range(cfg.num_hidden_layers):
             mask = mask_sliding if cfg.layer_is_sliding[i] else mask_full
-            layer = layer_cls(cfg, opt, cfg.is_sparse_layer(i), output_hidden_states, output_router_logits,
-                              name=per_layer_name(i))
-            x_btd, one = layer(x_btd, cos_bth, sin_bth, mask, None, write_index, False,
-                               cache.k[i] if cache is not None else None, cache.v[i] if cache is not None else None)
+            layer = layer_cls(
+                cfg, opt, cfg.is_sparse_layer(i), output_hidden_states, output_router_logits, name=per_layer_name(i)
+            )
+            x_btd, one = layer(
+                x_btd,
+                cos_bth,
+                sin_bth,
+                mask,
+                None,
+                write_index,
+                False,
+                cache.k[i] if cache is not None else None,
+                cache.v[i] if cache is not None else None,
+            )
             outs["cache_k"].append(one["cache_k"])
             outs["cache_v"].append(one["cache_v"])
             for key in ("hidden", "router_logits"):

@@ -20,7 +20,8 @@ the sorted (token, expert) pairs.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -106,8 +107,9 @@ def grouped_ffn(x_md, group_sizes_e, w_gate_edf, w_up_edf, w_down_efd, impl: str
     pad_rows = jnp.arange(num_tiles * tile)
     row_group = tile_group[pad_rows // tile]
     offset = pad_rows - tile_starts[row_group] * tile
-    src = jnp.where((offset < group_sizes_e[row_group]) & (pad_rows // tile < used_tiles),
-                    starts[row_group] + offset, m)
+    src = jnp.where(
+        (offset < group_sizes_e[row_group]) & (pad_rows // tile < used_tiles), starts[row_group] + offset, m
+    )
     x_pad = jnp.concatenate([x_md, jnp.zeros((1, x_md.shape[1]), x_md.dtype)])[src]
     x_tiles = x_pad.reshape(num_tiles, tile, x_md.shape[1])
 
@@ -118,7 +120,8 @@ def grouped_ffn(x_md, group_sizes_e, w_gate_edf, w_up_edf, w_down_efd, impl: str
         return jax.lax.cond(
             j < used_tiles,
             lambda: _ffn(x_t, w_gate_edf[g], w_up_edf[g], w_down_efd[g]).astype(x_md.dtype),
-            lambda: jnp.zeros((tile, d_out), x_md.dtype))
+            lambda: jnp.zeros((tile, d_out), x_md.dtype),
+        )
 
     y_tiles = jax.lax.map(one_tile, (x_tiles, tile_group, tile_ids))
     # Back to sorted-row order: sorted row r of group e sits at padded row tile_starts[e]*tile + r - starts[e].
@@ -179,8 +182,7 @@ def _axis_size(mesh, axes: Sequence[str]) -> int:
     return math.prod(mesh.shape[a] for a in axes)
 
 
-def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *,
-                               axis_name):
+def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *, axis_name):
     """`jax.lax.ragged_all_to_all` semantics from all-gathers, for backends without it (XLA:CPU).
 
     One slice per peer. Costs an all-gather of the whole operand: for tests, not for speed."""
@@ -227,8 +229,16 @@ def _a2a_experts(x_nd, weights_nk, idx_nk, w_gate, w_up, w_down, axis: str, impl
     output_offsets = (jnp.cumsum(c_sd, axis=0) - c_sd)[me]  # where my rows land on each dst
     recv_sizes = c_sd[:, me]
     buf = ep * m
-    received = _ragged_a2a(xs_md, jnp.zeros((buf, x_nd.shape[1]), x_nd.dtype), input_offsets, send_sizes,
-                           output_offsets, recv_sizes, axis_name=axis, emulate=emulate)
+    received = _ragged_a2a(
+        xs_md,
+        jnp.zeros((buf, x_nd.shape[1]), x_nd.dtype),
+        input_offsets,
+        send_sizes,
+        output_offsets,
+        recv_sizes,
+        axis_name=axis,
+        emulate=emulate,
+    )
     # 2. Received rows come as (src, local expert) blocks: regroup by local expert and run them.
     block_sizes = sent[:, me, :].reshape(-1)  # [(src, e)]
     block_of_row = jnp.repeat(jnp.arange(ep * num_local), block_sizes, total_repeat_length=buf)
@@ -240,14 +250,21 @@ def _a2a_experts(x_nd, weights_nk, idx_nk, w_gate, w_up, w_down, axis: str, impl
     # 3. Back to the senders: each gets its rows at the offsets it sent them from.
     back_out_offsets = (jnp.cumsum(c_sd, axis=1) - c_sd)[:, me]
     recv_offsets = jnp.cumsum(recv_sizes) - recv_sizes
-    returned = _ragged_a2a(y_received, jnp.zeros((m, y_received.shape[1]), y_received.dtype), recv_offsets,
-                           recv_sizes, back_out_offsets, send_sizes, axis_name=axis, emulate=emulate)
+    returned = _ragged_a2a(
+        y_received,
+        jnp.zeros((m, y_received.shape[1]), y_received.dtype),
+        recv_offsets,
+        recv_sizes,
+        back_out_offsets,
+        send_sizes,
+        axis_name=axis,
+        emulate=emulate,
+    )
     y_nkd = returned[inverse].reshape(n, k, -1)
     return combine(y_nkd, weights_nk, idx_nk)
 
 
-def sharded_experts(ctx: ShardingContext, x_nd, weights_nk, idx_nk, w_gate, w_up, w_down, impl="auto",
-                    exchange="auto"):
+def sharded_experts(ctx: ShardingContext, x_nd, weights_nk, idx_nk, w_gate, w_up, w_down, impl="auto", exchange="auto"):
     """The routed expert output under a mesh, with `jax.shard_map`.
 
     Tokens are split over the mesh axes `batch` maps to (when they divide n), experts over the axes
@@ -298,8 +315,13 @@ def sharded_experts(ctx: ShardingContext, x_nd, weights_nk, idx_nk, w_gate, w_up
             y = jax.lax.psum(y, f_axes)
         return y
 
-    fn = jax.shard_map(body, mesh=mesh, in_specs=(tok_spec, route_spec, route_spec, gate_spec, gate_spec, down_spec),
-                       out_specs=tok_spec, check_vma=False)
+    fn = jax.shard_map(
+        body,
+        mesh=mesh,
+        in_specs=(tok_spec, route_spec, route_spec, gate_spec, gate_spec, down_spec),
+        out_specs=tok_spec,
+        check_vma=False,
+    )
     return fn(x_nd, weights_nk, idx_nk, w_gate, w_up, w_down)
 
 
@@ -342,26 +364,30 @@ class SparseMoeBlock(nn.Module):
         num_experts, k = cfg.num_experts, cfg.num_experts_per_tok
         x = x_btd.astype(opt.compute_dtype)
         with jax.named_scope("router"):
-            router = param(self, "router_kernel", normal_init(cfg), (d, num_experts), opt.param_dtype,
-                           ("embed", "router"))
+            router = param(
+                self, "router_kernel", normal_init(cfg), (d, num_experts), opt.param_dtype, ("embed", "router")
+            )
             logits_btE = jnp.einsum("btd,dE->btE", x, router.astype(opt.compute_dtype))
             weights_nk, idx_nk = route(logits_btE.reshape(b * t, num_experts), k, cfg.norm_topk_prob)
-        w_gate, w_up, w_down = _ExpertWeights(num_experts, d, cfg.moe_intermediate_size, cfg, opt.param_dtype,
-                                              name="experts")()
+        w_gate, w_up, w_down = _ExpertWeights(
+            num_experts, d, cfg.moe_intermediate_size, cfg, opt.param_dtype, name="experts"
+        )()
         w_gate, w_up, w_down = (w.astype(opt.compute_dtype) for w in (w_gate, w_up, w_down))
         x_nd = x.reshape(b * t, d)
         with jax.named_scope("routed_experts"):
             if opt.sharding is None:
                 routed_nd = local_experts(x_nd, weights_nk, idx_nk, w_gate, w_up, w_down, 0, opt.moe_impl)
             else:
-                routed_nd = sharded_experts(opt.sharding, x_nd, weights_nk, idx_nk, w_gate, w_up, w_down,
-                                            opt.moe_impl, opt.moe_exchange)
+                routed_nd = sharded_experts(
+                    opt.sharding, x_nd, weights_nk, idx_nk, w_gate, w_up, w_down, opt.moe_impl, opt.moe_exchange
+                )
         out_btd = routed_nd.reshape(b, t, d)
         if cfg.shared_expert_intermediate_size > 0:
             with jax.named_scope("shared_expert"):
                 shared = MLP(cfg, opt, cfg.shared_expert_intermediate_size, name="shared_expert")(x)
-                gate_kernel = param(self, "shared_expert_gate_kernel", normal_init(cfg), (d, 1), opt.param_dtype,
-                                    ("embed", None))
+                gate_kernel = param(
+                    self, "shared_expert_gate_kernel", normal_init(cfg), (d, 1), opt.param_dtype, ("embed", None)
+                )
                 gate = jax.nn.sigmoid(jnp.einsum("btd,dz->btz", x, gate_kernel.astype(opt.compute_dtype)))
                 out_btd = out_btd + gate * shared
         return opt.constrain(out_btd, ("batch", "length", "act_embed")), logits_btE
@@ -387,8 +413,7 @@ def load_balancing_loss(router_logits, num_experts: int, top_k: int, attention_m
         _, selected = jax.lax.top_k(probs, top_k)
         probs = probs.astype(jnp.float32)
         row_w = jnp.ones((logits.shape[0],), jnp.float32) if mask_r is None else mask_r
-        counts = counts + jnp.zeros((num_experts,), jnp.float32).at[selected.reshape(-1)].add(
-            jnp.repeat(row_w, top_k))
+        counts = counts + jnp.zeros((num_experts,), jnp.float32).at[selected.reshape(-1)].add(jnp.repeat(row_w, top_k))
         prob_sum = prob_sum + jnp.sum(probs * row_w[:, None], axis=0)
         rows = rows + jnp.sum(row_w)
     return jnp.sum((counts / rows) * (prob_sum / rows)) * num_experts
@@ -418,8 +443,9 @@ def aux_loss(config: Qwen2Config, outputs, attention_mask=None):
 
 def moe_loss(config: Qwen2Config, router_logits, attention_mask=None, z_loss_coef: float = 0.0):
     """What training adds to the LM loss: router_aux_loss_coef * aux (+ z_loss_coef * z-loss, off by default)."""
-    loss = config.router_aux_loss_coef * load_balancing_loss(router_logits, config.num_experts,
-                                                             config.num_experts_per_tok, attention_mask)
+    loss = config.router_aux_loss_coef * load_balancing_loss(
+        router_logits, config.num_experts, config.num_experts_per_tok, attention_mask
+    )
     if z_loss_coef:
         loss = loss + z_loss_coef * router_z_loss(router_logits, attention_mask)
     return loss

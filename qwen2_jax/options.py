@@ -55,21 +55,26 @@ class RunOptions:
         if self.dtype is not None:
             object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
         object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype))
-        for name, allowed in (("layer_layout", LAYER_LAYOUTS), ("kernel_layout", KERNEL_LAYOUTS),
-                              ("remat", REMAT_POLICIES), ("moe_impl", MOE_IMPLS), ("moe_exchange", MOE_EXCHANGES)):
+        for name, allowed in (
+            ("layer_layout", LAYER_LAYOUTS),
+            ("kernel_layout", KERNEL_LAYOUTS),
+            ("remat", REMAT_POLICIES),
+            ("moe_impl", MOE_IMPLS),
+            ("moe_exchange", MOE_EXCHANGES),
+        ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r} (choose from {', '.join(allowed)})")
         if isinstance(self.scan_unroll, bool) or not isinstance(self.scan_unroll, int) or self.scan_unroll < 1:
             raise ValueError(f"scan_unroll must be a positive integer, got {self.scan_unroll!r}")
 
-    def replace(self, **changes) -> "RunOptions":
+    def replace(self, **changes) -> RunOptions:
         return dataclasses.replace(self, **changes)
 
     @property
     def compute_dtype(self):
         return self.param_dtype if self.dtype is None else self.dtype
 
-    def for_params(self, params, sharding: ShardingContext | None) -> "RunOptions":
+    def for_params(self, params, sharding: ShardingContext | None) -> RunOptions:
         """These options for running loaded params: param_dtype is theirs, and so is the mesh."""
         return self.replace(param_dtype=jnp.dtype(params["embed_tokens"].dtype), sharding=sharding)
 

@@ -27,42 +27,65 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 from typing import Any
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint import type_handlers as th
 
+from qwen2_jax import atomic
 from qwen2_jax.config import Qwen2Config
+from qwen2_jax.dtypes import PARAM_DTYPE_NAMES, dtype_name, parse_dtype
+from qwen2_jax.hf_keys import leaf_shapes
+from qwen2_jax.params import abstract_params, param_shardings
 from qwen2_jax.safetensors_io import CheckpointError
 
 METADATA_FILE = "qwen2_jax_metadata.json"
 FORMAT_VERSION = 1
 LAYOUT = "stacked-layers-v1"
 PARAMS_ITEM = "params"
-ASSET_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json",
-               "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
-DTYPES = ("float32", "bfloat16", "float16")
+ASSET_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "generation_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 
 
 # ------------------------------------------------------------------------------------ writing
-def write_checkpoint_files(directory: str, config: Qwen2Config, dtype: str, source: str,
-                           assets_from: str | None = None) -> None:
-    """config.json, the metadata file and the tokenizer / generation assets of a checkpoint."""
+def write_checkpoint_files(
+    directory: str, config: Qwen2Config, dtype: str, source: str, assets_from: str | None = None
+) -> None:
+    """config.json, the metadata file and the tokenizer / generation assets of a checkpoint, each
+    written atomically. `dtype` is the params' dtype name ("bfloat16", ...)."""
+    dtype = dtype_name(dtype)
     config.with_checkpoint_info(torch_dtype=dtype).save_hf(directory)
     if assets_from:
         copy_assets(assets_from, directory)
-    metadata = {"format_version": FORMAT_VERSION, "layout": LAYOUT, "dtype": dtype, "source": source,
-                "params_item": PARAMS_ITEM, "config": config.with_checkpoint_info(torch_dtype=dtype).to_hf()}
-    with open(os.path.join(directory, METADATA_FILE), "w") as f:
-        json.dump(metadata, f, indent=2)
+    metadata = {
+        "format_version": FORMAT_VERSION,
+        "layout": LAYOUT,
+        "dtype": dtype,
+        "source": source,
+        "params_item": PARAMS_ITEM,
+        "config": config.with_checkpoint_info(torch_dtype=dtype).to_hf(),
+    }
+    atomic.write_json(os.path.join(directory, METADATA_FILE), metadata)
 
 
 def copy_assets(src: str, dst: str) -> list[str]:
+    """Copy the ASSET_FILES that `src` has into `dst` (each atomically); returns their names."""
     copied = []
     for name in ASSET_FILES:
         path = os.path.join(src, name)
         if os.path.isfile(path):
-            shutil.copyfile(path, os.path.join(dst, name))
+            atomic.copy_file(path, os.path.join(dst, name))
             copied.append(name)
     return copied
 
@@ -70,8 +93,6 @@ def copy_assets(src: str, dst: str) -> list[str]:
 def params_handler(**kwargs):
     """The Orbax handler for the params item (OCDBT + zarr3). Uncompressed: weights barely
     compress, and zstd would cost more time than it saves on disk."""
-    import orbax.checkpoint as ocp
-
     return ocp.PyTreeCheckpointHandler(use_ocdbt=True, use_zarr3=True, use_compression=False, **kwargs)
 
 
@@ -81,8 +102,6 @@ SAVE_CHUNK_BYTES = 256 * 2**20
 def params_save_args(params):
     """Orbax SaveArgs that split stacked leaves along the layers axis first (chunks of at most
     SAVE_CHUNK_BYTES), so readers such as orbax-to-hf fetch a layer without its neighbours."""
-    import jax
-    from orbax.checkpoint import type_handlers as th
 
     def args(path, _):
         stacked = str(getattr(path[0], "key", "")).startswith("layers")
@@ -93,16 +112,14 @@ def params_save_args(params):
 
 def save(path: str, config: Qwen2Config, params, *, source: str = "qwen2_jax", assets_from: str | None = None):
     """Save a (sharded) params tree as a checkpoint in this layout; each host writes its shards."""
-    import jax
-    import orbax.checkpoint as ocp
-
     path = os.path.abspath(path)
     dtypes = {np.dtype(x.dtype).name for x in jax.tree.leaves(params)}
     if len(dtypes) != 1:
         raise ValueError(f"params have mixed dtypes {sorted(dtypes)}")
     os.makedirs(path, exist_ok=True)
-    ocp.Checkpointer(params_handler()).save(os.path.join(path, PARAMS_ITEM),
-                                            args=ocp.args.PyTreeSave(params, save_args=params_save_args(params)))
+    ocp.Checkpointer(params_handler()).save(
+        os.path.join(path, PARAMS_ITEM), args=ocp.args.PyTreeSave(params, save_args=params_save_args(params))
+    )
     if jax.process_index() == 0:
         write_checkpoint_files(path, config, dtypes.pop(), source, assets_from)
 
@@ -173,15 +190,25 @@ def open_checkpoint(path: str) -> OrbaxCheckpoint:
             metadata = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{meta_path}: unreadable metadata ({e})") from None
-    if not isinstance(metadata, dict) or metadata.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{meta_path}: unsupported format_version {metadata.get('format_version')!r} "
-                              f"(this qwen2-jax reads {FORMAT_VERSION})")
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{meta_path}: unreadable metadata (not a JSON object)")
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{meta_path}: unsupported format_version {metadata.get('format_version')!r} "
+            f"(this qwen2-jax reads {FORMAT_VERSION})"
+        )
     if metadata.get("layout") != LAYOUT:
         raise CheckpointError(f"{meta_path}: unsupported layout {metadata.get('layout')!r} (expected {LAYOUT!r})")
-    if metadata.get("dtype") not in DTYPES:
+    if metadata.get("dtype") not in PARAM_DTYPE_NAMES:
         raise CheckpointError(f"{meta_path}: unsupported dtype {metadata.get('dtype')!r}")
-    config_path = next((os.path.join(d, "config.json") for d in (directory, meta_dir)
-                        if os.path.isfile(os.path.join(d, "config.json"))), None)
+    config_path = next(
+        (
+            os.path.join(d, "config.json")
+            for d in (directory, meta_dir)
+            if os.path.isfile(os.path.join(d, "config.json"))
+        ),
+        None,
+    )
     config = Qwen2Config.from_hf(config_path) if config_path else Qwen2Config.from_hf(metadata["config"])
     top = _stored_tree(params_dir)
     prefix = (PARAMS_ITEM,) if PARAMS_ITEM in top and "embed_tokens" not in top else ()
@@ -189,8 +216,6 @@ def open_checkpoint(path: str) -> OrbaxCheckpoint:
 
 
 def _stored_tree(params_dir: str) -> dict:
-    import orbax.checkpoint as ocp
-
     try:
         item = ocp.PyTreeCheckpointer().metadata(os.path.abspath(params_dir)).item_metadata
     except Exception as e:  # Orbax raises many types for a damaged directory
@@ -218,39 +243,32 @@ def check_stored_shapes(ckpt: OrbaxCheckpoint, expected: dict[tuple[str, ...], t
         if path not in stored:
             raise CheckpointError(f"{ckpt.params_dir}: missing parameter {'.'.join(path)!r}")
         if stored[path] != shape:
-            raise CheckpointError(f"{ckpt.params_dir}: parameter {'.'.join(path)!r} has shape {list(stored[path])}, "
-                                  f"config.json implies {list(shape)}")
+            raise CheckpointError(
+                f"{ckpt.params_dir}: parameter {'.'.join(path)!r} has shape {list(stored[path])}, "
+                f"config.json implies {list(shape)}"
+            )
     extra = sorted(set(stored) - set(expected))
     if extra:
         raise CheckpointError(f"{ckpt.params_dir}: unexpected parameter {'.'.join(extra[0])!r} for this config")
 
 
 def restore(path: str, dtype=None, mesh=None):
-    """(config, params) with every leaf restored straight into `param_shardings(config, mesh, dtype)`."""
-    import jax
-    import orbax.checkpoint as ocp
-
-    from qwen2_jax.hf_keys import leaf_shapes
-    from qwen2_jax.params import abstract_params, param_shardings
-
+    """(config, params) with every leaf restored straight into `param_shardings(config, mesh, dtype)`.
+    dtype: None keeps the stored dtype; else a parameter dtype (name or numpy/jax dtype) to cast to."""
     ckpt = open_checkpoint(path)
-    target = np.dtype(dtype) if dtype is not None else np.dtype(np_dtype(ckpt.dtype))
+    target = parse_dtype(dtype) if dtype is not None else parse_dtype(ckpt.dtype)
     check_stored_shapes(ckpt, leaf_shapes(ckpt.config))
     shardings = param_shardings(ckpt.config, mesh, target)
     restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s, dtype=target), shardings)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, target, sharding=s),
-                            abstract_params(ckpt.config, target), shardings)
+    abstract = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, target, sharding=s), abstract_params(ckpt.config, target), shardings
+    )
     for key in reversed(ckpt.prefix):
         restore_args, abstract = {key: restore_args}, {key: abstract}
     params = ocp.PyTreeCheckpointer().restore(
-        ckpt.params_dir, args=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args,
-                                                     partial_restore=bool(ckpt.prefix)))
+        ckpt.params_dir,
+        args=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args, partial_restore=bool(ckpt.prefix)),
+    )
     for key in ckpt.prefix:
         params = params[key]
     return ckpt.config, params
-
-
-def np_dtype(name: str) -> np.dtype:
-    import ml_dtypes
-
-    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)

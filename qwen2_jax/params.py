@@ -27,8 +27,12 @@ CHECKPOINT_LAYOUT = RunOptions()
 def _layout_options(options: RunOptions | None, param_dtype) -> RunOptions:
     """Only the fields that shape the params matter here: layouts and param dtype."""
     options = options or CHECKPOINT_LAYOUT
-    return RunOptions(dtype=param_dtype, param_dtype=param_dtype, layer_layout=options.layer_layout,
-                      kernel_layout=options.kernel_layout)
+    return RunOptions(
+        dtype=param_dtype,
+        param_dtype=param_dtype,
+        layer_layout=options.layer_layout,
+        kernel_layout=options.kernel_layout,
+    )
 
 
 def _init_fn(config: Qwen2Config, options: RunOptions):
@@ -56,8 +60,7 @@ def param_logical_axes(config: Qwen2Config, options: RunOptions | None = None):
     return logical_axes_tree(_abstract_boxed(config, _layout_options(options, jnp.float32)))
 
 
-def param_shardings(config: Qwen2Config, mesh: Mesh | None, param_dtype=jnp.float32,
-                    options: RunOptions | None = None):
+def param_shardings(config: Qwen2Config, mesh: Mesh | None, param_dtype=jnp.float32, options: RunOptions | None = None):
     abstract = abstract_params(config, param_dtype, options)
     if mesh is None:
         device = jax.devices()[0]
@@ -65,8 +68,9 @@ def param_shardings(config: Qwen2Config, mesh: Mesh | None, param_dtype=jnp.floa
     return shardings_for(ShardingContext(mesh), param_logical_axes(config, options), abstract)
 
 
-def init_params(config: Qwen2Config, rng, mesh: Mesh | None = None, param_dtype=jnp.float32,
-                options: RunOptions | None = None):
+def init_params(
+    config: Qwen2Config, rng, mesh: Mesh | None = None, param_dtype=jnp.float32, options: RunOptions | None = None
+):
     """Random params (HF's init: normal(initializer_range), biases 0, norms 1), created sharded."""
     layout = _layout_options(options, jnp.dtype(param_dtype))
     shardings = param_shardings(config, mesh, param_dtype, options)

@@ -12,24 +12,12 @@ import json
 import mmap
 import os
 import struct
-from typing import Iterator
+from collections.abc import Iterable, Iterator
 
-import ml_dtypes
 import numpy as np
 
-DTYPES = {
-    "F64": np.dtype(np.float64),
-    "F32": np.dtype(np.float32),
-    "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
-    "I64": np.dtype(np.int64),
-    "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16),
-    "I8": np.dtype(np.int8),
-    "U8": np.dtype(np.uint8),
-    "BOOL": np.dtype(np.bool_),
-}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+from qwen2_jax.dtypes import PARAM_DTYPE_NAMES, is_param_dtype, safetensors_code, safetensors_dtype
+
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
@@ -63,7 +51,7 @@ class SafetensorsFile:
         self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
         for name, info in header.items():
             try:
-                dtype = DTYPES[info["dtype"]]
+                dtype = safetensors_dtype(info["dtype"])
                 shape = tuple(int(s) for s in info["shape"])
                 begin, end = (int(o) for o in info["data_offsets"])
             except (KeyError, TypeError, ValueError):
@@ -73,7 +61,8 @@ class SafetensorsFile:
             if self._data_start + end > size:
                 raise CheckpointError(
                     f"{self.path}: truncated file: tensor {name!r} ends at byte {self._data_start + end} "
-                    f"but the file has {size} bytes")
+                    f"but the file has {size} bytes"
+                )
             self._entries[name] = (dtype, shape, begin, end)
         self._mmap = None
 
@@ -100,7 +89,7 @@ class SafetensorsFile:
                 raise CheckpointError(f"{self.path}: empty file")
             with open(self.path, "rb") as f:
                 self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        buf = memoryview(self._mmap)[self._data_start + begin:self._data_start + end]
+        buf = memoryview(self._mmap)[self._data_start + begin : self._data_start + end]
         return np.frombuffer(buf, dtype=dtype).reshape(shape)
 
     def read(self, name: str) -> np.ndarray:
@@ -158,7 +147,8 @@ class SafetensorsDir:
                 self._where = {n: others[0] for n in self._files[others[0]].keys()}
             elif others:
                 raise CheckpointError(
-                    f"{self.directory}: {len(others)} safetensors files but no model.safetensors.index.json")
+                    f"{self.directory}: {len(others)} safetensors files but no model.safetensors.index.json"
+                )
             else:
                 raise CheckpointError(f"{self.directory}: no model.safetensors or model.safetensors.index.json")
 
@@ -186,6 +176,24 @@ class SafetensorsDir:
     def read(self, name: str) -> np.ndarray:
         return self._files[self._where[name]].read(name)
 
+    def param_dtype(self, names: Iterable[str], target: np.dtype | None = None) -> np.dtype:
+        """The dtype parameters read from tensors `names` get: `target` if given (each tensor is cast
+        to it), else the one dtype they are stored in. CheckpointError if a tensor is not stored in a
+        parameter dtype (float32, bfloat16, float16), or if they mix dtypes and no target is given."""
+        stored = {self.dtype(name) for name in names}
+        bad = sorted(str(d) for d in stored if not is_param_dtype(d))
+        if bad:
+            raise CheckpointError(
+                f"{self.directory}: unsupported tensor dtype(s) {bad} (supported: {', '.join(PARAM_DTYPE_NAMES)})"
+            )
+        if target is not None:
+            return np.dtype(target)
+        if len(stored) != 1:
+            raise CheckpointError(
+                f"{self.directory}: tensors have mixed dtypes {sorted(map(str, stored))}; choose a target dtype"
+            )
+        return stored.pop()
+
     def items(self) -> Iterator[tuple[str, np.ndarray]]:
         for name in self._where:
             yield name, self.get(name)
@@ -210,12 +218,10 @@ def _read_into(path: str, offset: int, out: np.ndarray) -> None:
         f.seek(offset)
         done = 0
         while done < len(view):
-            n = f.readinto(view[done:done + _READ_BLOCK])
+            n = f.readinto(view[done : done + _READ_BLOCK])
             if not n:
                 raise CheckpointError(f"{path}: truncated file: short read at byte {offset + done}")
             done += n
-
-
 
 
 # ------------------------------------------------------------------------------------ writing
@@ -229,8 +235,11 @@ def safetensors_header(specs, metadata: dict[str, str] | None = None) -> bytes:
     offset = 0
     for name, dtype, shape in specs:
         nbytes = np.dtype(dtype).itemsize * int(np.prod(shape, dtype=np.int64))
-        header[name] = {"dtype": DTYPE_NAMES[np.dtype(dtype)], "shape": [int(s) for s in shape],
-                        "data_offsets": [offset, offset + nbytes]}
+        header[name] = {
+            "dtype": safetensors_code(dtype),
+            "shape": [int(s) for s in shape],
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
@@ -253,8 +262,10 @@ class SafetensorsWriter:
             raise ValueError(f"{self.path}: unexpected extra tensor {name!r}")
         want_name, want_dtype, want_shape = self._specs[self._next]
         if (name, np.dtype(array.dtype), tuple(array.shape)) != (want_name, want_dtype, want_shape):
-            raise ValueError(f"{self.path}: expected tensor {want_name!r} {want_dtype} {list(want_shape)}, got "
-                             f"{name!r} {array.dtype} {list(array.shape)}")
+            raise ValueError(
+                f"{self.path}: expected tensor {want_name!r} {want_dtype} {list(want_shape)}, got "
+                f"{name!r} {array.dtype} {list(array.shape)}"
+            )
         data = np.ascontiguousarray(array)
         if data.size:
             self._f.write(data.reshape(-1).view(np.uint8))
@@ -263,7 +274,7 @@ class SafetensorsWriter:
     def close(self) -> None:
         if self._f.closed:
             return
-        missing = [n for n, _, _ in self._specs[self._next:]]
+        missing = [n for n, _, _ in self._specs[self._next :]]
         self._f.close()
         if missing:
             raise ValueError(f"{self.path}: closed before tensor {missing[0]!r} was written")

@@ -15,7 +15,8 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import flax.struct
 import jax
@@ -46,7 +47,7 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
-    def mode(self, vocab_size: int) -> "SamplingMode":
+    def mode(self, vocab_size: int) -> SamplingMode:
         greedy = self.greedy
         use_top_k = not greedy and self.top_k is not None and 0 < self.top_k < vocab_size
         return SamplingMode(
@@ -57,7 +58,7 @@ class SamplingParams:
             use_repetition_penalty=self.repetition_penalty is not None and self.repetition_penalty != 1.0,
         )
 
-    def values(self) -> "SamplingValues":
+    def values(self) -> SamplingValues:
         return SamplingValues(
             temperature=jnp.float32(self.temperature if self.temperature > 0 else 1.0),
             top_k=jnp.int32(self.top_k or 0),
@@ -110,7 +111,8 @@ def validate(temperature=0.0, top_k=None, top_p=None, min_p=None, repetition_pen
     if min_p is not None and (not _is_number(min_p) or not 0.0 <= min_p <= 1.0):
         raise ValueError(f"min_p must be in [0, 1], got {min_p!r}")
     if repetition_penalty is not None and (
-            not _is_number(repetition_penalty) or not math.isfinite(repetition_penalty) or repetition_penalty <= 0):
+        not _is_number(repetition_penalty) or not math.isfinite(repetition_penalty) or repetition_penalty <= 0
+    ):
         raise ValueError(f"repetition_penalty must be a finite number > 0, got {repetition_penalty!r}")
 
 
@@ -181,7 +183,7 @@ def select_tokens(logits_bv, mode: SamplingMode, values: SamplingValues, keys_b=
     if mode.greedy:
         choice_b = jnp.argmax(cand_bc, axis=-1)
     else:
-        choice_b = jax.vmap(lambda k, l: jax.random.categorical(k, l))(keys_b, cand_bc)
+        choice_b = jax.vmap(jax.random.categorical)(keys_b, cand_bc)
     if ids_bc is not None:
         choice_b = jnp.take_along_axis(ids_bc, choice_b[:, None], axis=1)[:, 0]
     return choice_b.astype(jnp.int32)

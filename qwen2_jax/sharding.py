@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -65,8 +66,9 @@ def validate_rules(rules) -> dict[str, tuple[str, ...]]:
     return table
 
 
-def make_mesh(data: int = 1, fsdp: int = 1, expert: int = 1, tensor: int = 1,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(
+    data: int = 1, fsdp: int = 1, expert: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None
+) -> Mesh:
     """A mesh over (data, fsdp, expert, tensor); one size may be -1 (= all remaining devices).
 
     Axis types are set explicitly to Auto: GSPMD propagates shardings from the parameters and
@@ -83,13 +85,11 @@ def make_mesh(data: int = 1, fsdp: int = 1, expert: int = 1, tensor: int = 1,
     fixed = math.prod(s for s in sizes.values() if s != -1)
     if free:
         if len(devices) % fixed:
-            raise ShardingError(
-                f"cannot fill mesh axis {free[0]}: {len(devices)} devices are not divisible by {fixed}")
+            raise ShardingError(f"cannot fill mesh axis {free[0]}: {len(devices)} devices are not divisible by {fixed}")
         sizes[free[0]] = len(devices) // fixed
     total = math.prod(sizes.values())
     if total != len(devices):
-        raise ShardingError(
-            f"mesh {sizes} needs {total} devices but {len(devices)} are available")
+        raise ShardingError(f"mesh {sizes} needs {total} devices but {len(devices)} are available")
     shape = tuple(sizes[a] for a in MESH_AXES)
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
@@ -114,8 +114,9 @@ class ShardingContext:
         return jax.lax.with_sharding_constraint(x, self.sharding(logical_axes, x.shape))
 
 
-def logical_to_spec(logical_axes: Sequence[str | None], rules, mesh: Mesh | None = None,
-                    shape: Sequence[int] | None = None) -> PartitionSpec:
+def logical_to_spec(
+    logical_axes: Sequence[str | None], rules, mesh: Mesh | None = None, shape: Sequence[int] | None = None
+) -> PartitionSpec:
     """PartitionSpec for one array. Refuses two dims on one mesh axis; drops axes a dim can't divide."""
     table = validate_rules(rules)
     used: dict[str, str] = {}
@@ -131,7 +132,8 @@ def logical_to_spec(logical_axes: Sequence[str | None], rules, mesh: Mesh | None
         for axis in table[name]:
             if axis in used:
                 raise ShardingError(
-                    f"logical axes {used[axis]!r} and {name!r} both map to mesh axis {axis!r} in one array")
+                    f"logical axes {used[axis]!r} and {name!r} both map to mesh axis {axis!r} in one array"
+                )
             used[axis] = name
             axis_size = mesh.shape[axis] if mesh is not None else 1
             if axis_size == 1:
@@ -145,14 +147,21 @@ def logical_to_spec(logical_axes: Sequence[str | None], rules, mesh: Mesh | None
 
 def logical_axes_tree(boxed_tree):
     """Logical axis names of every leaf of a tree of `nn.LogicallyPartitioned` boxes."""
-    return jax.tree.map(lambda x: tuple(x.names) if isinstance(x, nn.LogicallyPartitioned) else None,
-                        boxed_tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    return jax.tree.map(
+        lambda x: tuple(x.names) if isinstance(x, nn.LogicallyPartitioned) else None,
+        boxed_tree,
+        is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned),
+    )
 
 
 def shardings_for(ctx: ShardingContext, logical_tree, abstract_tree):
     """NamedShardings for a tree, given its logical names and its (abstract) shapes."""
-    return jax.tree.map(lambda names, a: ctx.sharding(names if names is not None else (None,) * a.ndim, a.shape),
-                        logical_tree, abstract_tree, is_leaf=lambda x: isinstance(x, tuple) or x is None)
+    return jax.tree.map(
+        lambda names, a: ctx.sharding(names if names is not None else (None,) * a.ndim, a.shape),
+        logical_tree,
+        abstract_tree,
+        is_leaf=lambda x: isinstance(x, tuple) or x is None,
+    )
 
 
 def mesh_of(tree) -> Mesh | None:

@@ -10,12 +10,16 @@ import numpy as np
 import torch
 
 from hf_utils import hf_dense_config, make_hf_model
+from qwen2_jax.dtypes import PARAM_DTYPE_NAMES
 from qwen2_jax.safetensors_io import SafetensorsDir, SafetensorsFile, SafetensorsWriter
 
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-ASSETS = {"tokenizer.json": '{"version": "1.0", "model": {"type": "BPE"}}',
-          "tokenizer_config.json": '{"eos_token": "<|endoftext|>"}',
-          "vocab.json": "{}", "merges.txt": "#version: 0.2\n"}
+TORCH_DTYPES = {name: getattr(torch, name) for name in PARAM_DTYPE_NAMES}  # torch spells them the same
+ASSETS = {
+    "tokenizer.json": '{"version": "1.0", "model": {"type": "BPE"}}',
+    "tokenizer_config.json": '{"eos_token": "<|endoftext|>"}',
+    "vocab.json": "{}",
+    "merges.txt": "#version: 0.2\n",
+}
 
 
 def save_hf(path, dtype: str = "float32", tied: bool = False, seed: int = 0, layers: int = 3, **overrides):

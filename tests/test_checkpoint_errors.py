@@ -99,8 +99,11 @@ def test_config_disagrees_with_tensor_shape(ckpt):
     cfg = json.loads((ckpt / "config.json").read_text())
     cfg["intermediate_size"] = 100
     (ckpt / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match=r"tensor 'model.layers.0.mlp.gate_proj.weight' has shape \[96, 64\], "
-                                              r"config.json implies \[100, 64\]"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"tensor 'model.layers.0.mlp.gate_proj.weight' has shape \[96, 64\], "
+        r"config.json implies \[100, 64\]",
+    ):
         qwen2_jax.load_checkpoint(ckpt)
 
 

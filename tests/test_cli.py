@@ -19,7 +19,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def ckpt(tmp_path_factory):
     """Tiny HF-written checkpoint with the real vocabulary size, the Qwen2 tokenizer and an
     Instruct-style generation_config.json."""
-    from qwen2_jax.tokenizer import write_qwen2_tokenizer
+    from qwen2_jax.tokenizer_build import write_qwen2_tokenizer
 
     model = make_hf_model(hf_dense_config(vocab_size=151936, hidden_size=32, intermediate_size=48,
                                           num_hidden_layers=2, eos_token_id=151645), seed=1)

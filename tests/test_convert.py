@@ -15,8 +15,11 @@ from qwen2_jax import orbax_checkpoint as oc
 from qwen2_jax.params import param_shardings
 from qwen2_jax.sharding import make_mesh
 
-SOURCES = {"float32": dict(dtype="float32"), "bfloat16": dict(dtype="bfloat16"),
-           "float32-tied": dict(dtype="float32", tied=True)}
+SOURCES = {
+    "float32": dict(dtype="float32"),
+    "bfloat16": dict(dtype="bfloat16"),
+    "float32-tied": dict(dtype="float32", tied=True),
+}
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +64,10 @@ def test_round_trip_loads_in_transformers(round_trip):
 
     # Compared with the source loaded the same way (an in-memory model cast with .to() also casts its
     # rotary buffers, which a loaded one computes in float32).
-    loaded = [AutoModelForCausalLM.from_pretrained(d, dtype=TORCH_DTYPES[SOURCES[case]["dtype"]],
-                                                   use_safetensors=True).eval() for d in (src, back)]
+    loaded = [
+        AutoModelForCausalLM.from_pretrained(d, dtype=TORCH_DTYPES[SOURCES[case]["dtype"]], use_safetensors=True).eval()
+        for d in (src, back)
+    ]
     ids = np.random.RandomState(0).randint(0, 128, (2, 9))
     assert np.array_equal(hf_logits(loaded[0], ids), hf_logits(loaded[1], ids))
     for name in ASSETS:
@@ -93,7 +98,7 @@ def test_logits_on_8_device_mesh_match_hf(case, converted):
     mesh = make_mesh(fsdp=2, tensor=4)
     config, params = qwen2_jax.load_checkpoint(ob, mesh=mesh)
     expected = param_shardings(config, mesh, jax.numpy.float32)
-    for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(expected)):
+    for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(expected), strict=True):
         assert got.sharding.is_equivalent_to(want, got.ndim) and got.dtype == np.float32
     ids = np.random.RandomState(1).randint(0, config.vocab_size, (2, 11))
     ours = np.asarray(qwen2_jax.forward(config, params, ids))
@@ -169,10 +174,20 @@ def test_moe_round_trip_and_restore_on_expert_mesh(tmp_path, capfd):
 
     from hf_utils import randomize_all
 
-    cfg = Qwen2MoeConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
-                         moe_intermediate_size=32, shared_expert_intermediate_size=48, mlp_only_layers=[1],
-                         max_position_embeddings=256)
+    cfg = Qwen2MoeConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=48,
+        mlp_only_layers=[1],
+        max_position_embeddings=256,
+    )
     src, ob, back = tmp_path / "hf", tmp_path / "orbax", tmp_path / "back"
     randomize_all(Qwen2MoeForCausalLM(cfg).eval()).to(torch.bfloat16).save_pretrained(src, max_shard_size="20KB")
     assert run_cli(capfd, "hf-to-orbax", src, ob, "--quiet")[0] == 0
@@ -183,5 +198,5 @@ def test_moe_round_trip_and_restore_on_expert_mesh(tmp_path, capfd):
     _, from_orbax = qwen2_jax.load_checkpoint(ob, mesh=mesh)
     _, from_hf = qwen2_jax.load_checkpoint(src, mesh=mesh)
     assert from_orbax["layers_0"]["mlp"]["experts"]["gate_kernel"].shape == (1, 4, 64, 32)
-    for a, b in zip(jax.tree.leaves(from_orbax), jax.tree.leaves(from_hf)):
+    for a, b in zip(jax.tree.leaves(from_orbax), jax.tree.leaves(from_hf), strict=True):
         assert a.sharding.is_equivalent_to(b.sharding, a.ndim) and np.array_equal(np.asarray(a), np.asarray(b))

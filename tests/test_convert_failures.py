@@ -11,8 +11,16 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from convert_utils import (copy_dir, edit_config, leftovers, rewrite_shard, run_cli, save_hf, shard_files,
-                           shard_of, tensors_of)
+from convert_utils import (
+    copy_dir,
+    edit_config,
+    leftovers,
+    rewrite_shard,
+    run_cli,
+    save_hf,
+    shard_of,
+    tensors_of,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYER0_Q = "model.layers.0.self_attn.q_proj.weight"
@@ -71,10 +79,16 @@ def _no_config(d):
     return "config.json"
 
 
-BREAKERS = {"truncated-shard": _truncate, "corrupt-header": _corrupt_header, "missing-shard": _missing_shard,
-            "missing-tensor": _missing_tensor, "unexpected-tensor": _unexpected_tensor,
-            "config-shape-mismatch": _shape_mismatch, "unsupported-model-type": _model_type,
-            "no-config": _no_config}
+BREAKERS = {
+    "truncated-shard": _truncate,
+    "corrupt-header": _corrupt_header,
+    "missing-shard": _missing_shard,
+    "missing-tensor": _missing_tensor,
+    "unexpected-tensor": _unexpected_tensor,
+    "config-shape-mismatch": _shape_mismatch,
+    "unsupported-model-type": _model_type,
+    "no-config": _no_config,
+}
 
 
 def _assert_clean_failure(rc, err, dst, culprit):
@@ -149,8 +163,9 @@ def _env():
 
 def test_cli_subprocess_exit_code(tmp_path):
     """The real entry point: exit status 2 and one stderr line, no traceback."""
-    proc = subprocess.run(_convert_cmd(tmp_path / "missing", tmp_path / "dst"), env=_env(), capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        _convert_cmd(tmp_path / "missing", tmp_path / "dst"), env=_env(), capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "missing" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "dst").exists()
 
@@ -159,8 +174,16 @@ def test_sigkill_leaves_no_complete_destination(tmp_path, capfd):
     """SIGKILL once the conversion is writing (its temporary directory exists): DST must not
     exist; rerunning the same command then succeeds and gives a correct checkpoint."""
     src = tmp_path / "hf"
-    save_hf(src, dtype="bfloat16", layers=12, hidden_size=128, intermediate_size=512, vocab_size=512,
-            num_attention_heads=4, num_key_value_heads=2)
+    save_hf(
+        src,
+        dtype="bfloat16",
+        layers=12,
+        hidden_size=128,
+        intermediate_size=512,
+        vocab_size=512,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     dst = tmp_path / "ckpt"
     tmp_name = tmp_path / ".ckpt.qwen2-convert-tmp"
     for delay in (0.0, 0.3):
@@ -184,8 +207,11 @@ def test_sigkill_leaves_no_complete_destination(tmp_path, capfd):
 def test_safetensors_writer_round_trip(tmp_path):
     from qwen2_jax.safetensors_io import SafetensorsFile, SafetensorsWriter
 
-    arrays = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(3, ml_dtypes.bfloat16),
-              "c": np.zeros((0, 4), np.float16)}
+    arrays = {
+        "a": np.arange(6, dtype=np.float32).reshape(2, 3),
+        "b": np.ones(3, ml_dtypes.bfloat16),
+        "c": np.zeros((0, 4), np.float16),
+    }
     path = tmp_path / "x.safetensors"
     with SafetensorsWriter(path, [(k, v.dtype, v.shape) for k, v in arrays.items()], {"format": "pt"}) as w:
         for k, v in arrays.items():
