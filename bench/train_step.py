@@ -54,16 +54,13 @@ def bench_torch(model_dir, ids, args):
         opt.zero_grad()
         return float(loss)
 
-    times, first = timed_steps(step, args.warmup, args.steps)
-    del model, opt
-    gc.collect()
-    return times, first
+    return timed_steps(step, args.warmup, args.steps)  # model and optimizer are freed on return
 
 
 def bench_ours(model_dir, ids, args):
-    import jax
     import numpy as np
 
+    import qwen2_jax
     from train.batches import global_batch
     from train.config import LossConfig, OptimizerConfig
     from train.model_setup import ModelSetup, batch_sharding, build_mesh, replicated
@@ -71,17 +68,29 @@ def bench_ours(model_dir, ids, args):
     from train.optimizer import make_optimizer
     from train.train_step import jit_train_step, make_train_step, new_state, state_shardings
 
-    import qwen2_jax
-
     mesh = build_mesh({"data": 1, "fsdp": 1, "expert": 1, "tensor": 1})
     config, params = qwen2_jax.load_checkpoint(model_dir, dtype="float32", mesh=mesh)
     setup = ModelSetup(config, mesh, dtype="float32", param_dtype="float32", remat=args.remat)
-    tx, schedule = make_optimizer(OptimizerConfig(learning_rate=1e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1,
-                                                  decay_norms_biases_embeddings=True, clip_norm=0.0,
-                                                  schedule="constant"), total_steps=100)
+    tx, schedule = make_optimizer(
+        OptimizerConfig(
+            learning_rate=1e-4,
+            b1=0.9,
+            b2=0.95,
+            eps=1e-8,
+            weight_decay=0.1,
+            decay_norms_biases_embeddings=True,
+            clip_norm=0.0,
+            schedule="constant",
+        ),
+        total_steps=100,
+    )
     shardings = state_shardings(setup, tx, replicated(mesh))
-    step_fn = jit_train_step(make_train_step(Objective(setup, LossConfig(chunk_length=args.chunk)), tx, schedule, 1),
-                             shardings, batch_sharding(mesh), replicated(mesh))
+    step_fn = jit_train_step(
+        make_train_step(Objective(setup, LossConfig(chunk_length=args.chunk)), tx, schedule, 1),
+        shardings,
+        batch_sharding(mesh),
+        replicated(mesh),
+    )
     state = {"s": new_state(params, tx, 0, shardings)}
     del params
     batch = global_batch({"input_ids": ids}, batch_sharding(mesh), ids.shape[0])
@@ -94,9 +103,7 @@ def bench_ours(model_dir, ids, args):
         return float(np.asarray(metrics["loss"]))
 
     times, first = timed_steps(step, args.warmup, args.steps)
-    del state
-    gc.collect()
-    return times, first, compile_s
+    return times, first, compile_s  # the state is freed on return
 
 
 def main():
@@ -115,7 +122,8 @@ def main():
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import numpy as np
     import torch
-    from transformers import Qwen2Config as HFConfig, Qwen2ForCausalLM
+    from transformers import Qwen2Config as HFConfig
+    from transformers import Qwen2ForCausalLM
 
     from qwen2_jax.config import preset
 
@@ -134,19 +142,29 @@ def main():
         model.save_pretrained(tmp)
         del model
         gc.collect()
-        print(f"model: Qwen2-0.5B shape, {args.layers} layers, {n_params / 1e6:.0f}M params, float32; "
-              f"batch {args.batch} x {args.seq}; torch threads {torch.get_num_threads()}; "
-              f"ours: loss chunk {args.chunk}, remat {args.remat}", flush=True)
+        print(
+            f"model: Qwen2-0.5B shape, {args.layers} layers, {n_params / 1e6:.0f}M params, float32; "
+            f"batch {args.batch} x {args.seq}; torch threads {torch.get_num_threads()}; "
+            f"ours: loss chunk {args.chunk}, remat {args.remat}",
+            flush=True,
+        )
         t_hf, t_ours = [], []
         for r in range(args.rounds):
             times, loss_hf = bench_torch(tmp, ids, args)
+            gc.collect()
             t_hf += times
-            print(f"round {r + 1} HF + torch AdamW: first loss {loss_hf:.6f}, step s {[round(t, 2) for t in times]}",
-                  flush=True)
+            print(
+                f"round {r + 1} HF + torch AdamW: first loss {loss_hf:.6f}, step s {[round(t, 2) for t in times]}",
+                flush=True,
+            )
             times, loss_ours, compile_s = bench_ours(tmp, ids, args)
+            gc.collect()
             t_ours += times
-            print(f"round {r + 1} ours:             first loss {loss_ours:.6f}, step s "
-                  f"{[round(t, 2) for t in times]} (compile {compile_s:.0f} s)", flush=True)
+            print(
+                f"round {r + 1} ours:             first loss {loss_ours:.6f}, step s "
+                f"{[round(t, 2) for t in times]} (compile {compile_s:.0f} s)",
+                flush=True,
+            )
     hf_s, ours_s = statistics.median(t_hf), statistics.median(t_ours)
     print(f"{'':18}{'s/step':>8} {'tokens/s':>9}")
     print(f"{'HF + torch AdamW':18}{hf_s:>8.2f} {tokens / hf_s:>9.1f}")

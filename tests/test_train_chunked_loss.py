@@ -14,10 +14,25 @@ from train.model_setup import ModelSetup, build_mesh
 from train.objective import Objective
 
 SEQ = 16
-DENSE = dict(model_type="qwen2", vocab_size=160, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-MOE = dict(DENSE, model_type="qwen2_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
-           shared_expert_intermediate_size=24, router_aux_loss_coef=0.01)
+DENSE = dict(
+    model_type="qwen2",
+    vocab_size=160,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
+MOE = dict(
+    DENSE,
+    model_type="qwen2_moe",
+    num_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=16,
+    shared_expert_intermediate_size=24,
+    router_aux_loss_coef=0.01,
+)
 
 
 def _batch(vocab, seed=0):
@@ -52,13 +67,16 @@ def _reference(setup, z_loss_coef=0.0):
     return jax.jit(jax.value_and_grad(fn, has_aux=True))
 
 
-@pytest.mark.parametrize("case,mesh_sizes,chunk", [
-    ("tied", {"fsdp": 2, "tensor": 2, "data": -1}, 4),
-    ("moe", {"data": -1}, 4),
-    pytest.param("tied", {"data": -1}, 4, marks=pytest.mark.slow),
-    pytest.param("untied", {"data": -1}, 8, marks=pytest.mark.slow),
-    pytest.param("untied", {"data": -1}, 0, marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    "case,mesh_sizes,chunk",
+    [
+        ("tied", {"fsdp": 2, "tensor": 2, "data": -1}, 4),
+        ("moe", {"data": -1}, 4),
+        pytest.param("tied", {"data": -1}, 4, marks=pytest.mark.slow),
+        pytest.param("untied", {"data": -1}, 8, marks=pytest.mark.slow),
+        pytest.param("untied", {"data": -1}, 0, marks=pytest.mark.slow),
+    ],
+)
 def test_chunked_loss_and_grads_equal_train_loss(case, mesh_sizes, chunk):
     fields = dict(MOE if case == "moe" else DENSE, tie_word_embeddings=(case == "tied"))
     setup = _setup(fields, mesh_sizes)

@@ -34,9 +34,19 @@ def cache_dir(tmp_path_factory):
 
 
 def _command(output_dir, cache_dir, *overrides):
-    sets = [f"output_dir={output_dir}", f"data.cache_dir={cache_dir}", "total_steps=12", "checkpoint_every=5",
-            "log_every=1", "eval_every=0", "seq_len=64", "loss.chunk_length=32", "progress=false", "mesh.data=4",
-            *overrides]
+    sets = [
+        f"output_dir={output_dir}",
+        f"data.cache_dir={cache_dir}",
+        "total_steps=12",
+        "checkpoint_every=5",
+        "log_every=1",
+        "eval_every=0",
+        "seq_len=64",
+        "loss.chunk_length=32",
+        "progress=false",
+        "mesh.data=4",
+        *overrides,
+    ]
     cmd = [sys.executable, "-m", "train", "--config", CONFIG]
     for s in sets:
         cmd += ["--set", s]
@@ -66,8 +76,9 @@ def _start_and_signal(cmd, output_dir, sig, after_step, need_checkpoint=None, ti
     try:
         while time.time() < deadline:
             steps = [r["step"] for r in _records(output_dir)]
-            ready = need_checkpoint is None or os.path.isdir(os.path.join(output_dir, "checkpoints",
-                                                                         str(need_checkpoint)))
+            ready = need_checkpoint is None or os.path.isdir(
+                os.path.join(output_dir, "checkpoints", str(need_checkpoint))
+            )
             if steps and max(steps) >= after_step and ready:
                 proc.send_signal(sig)
                 break
@@ -135,14 +146,17 @@ def test_fsdp_tensor_mesh_gives_the_data_parallel_losses(tmp_path, cache_dir, un
         assert abs(sharded[step] - loss) <= 1e-4, (step, sharded[step], loss)
 
 
-@pytest.mark.parametrize("overrides,match", [
-    (("optimizer.beta1=0.9",), "'optimizer.beta1'"),
-    (("total_steps=many",), "'total_steps'"),
-    (("mesh.data=3",), "needs 3 devices"),
-    (("batch_size=6",), "not divisible by the data-parallel"),
-    (("data.sources=[/no/such/corpus.txt]",), "corpus not found"),
-    (("model=/no/such/config.json",), "not found"),
-])
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (("optimizer.beta1=0.9",), "'optimizer.beta1'"),
+        (("total_steps=many",), "'total_steps'"),
+        (("mesh.data=3",), "needs 3 devices"),
+        (("batch_size=6",), "not divisible by the data-parallel"),
+        (("data.sources=[/no/such/corpus.txt]",), "corpus not found"),
+        (("model=/no/such/config.json",), "not found"),
+    ],
+)
 def test_bad_input_exits_2_with_one_line(tmp_path, cache_dir, overrides, match):
     result = _run(_command(str(tmp_path / "run"), cache_dir, *overrides), timeout=300)
     assert result.returncode == 2, (result.returncode, result.stderr[-2000:])

@@ -17,14 +17,32 @@ from train.train_step import new_state
 from train_utils import TINY_MODEL, SyntheticData
 
 SEQ = 32
-TINY_MOE = dict(TINY_MODEL, model_type="qwen2_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
-                shared_expert_intermediate_size=32, router_aux_loss_coef=0.01)
+TINY_MOE = dict(
+    TINY_MODEL,
+    model_type="qwen2_moe",
+    num_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=16,
+    shared_expert_intermediate_size=32,
+    router_aux_loss_coef=0.01,
+)
 
 
 def _config(tmp_path, *overrides, model=TINY_MODEL, name="run"):
-    sets = [f"output_dir={tmp_path / name}", "model=qwen2-0.5b", "total_steps=8", "log_every=1",
-            "checkpoint_every=4", "batch_size=8", f"seq_len={SEQ}", "optimizer.learning_rate=1e-2",
-            "optimizer.warmup_steps=2", "loss.chunk_length=8", "progress=false", "mesh.data=-1"]
+    sets = [
+        f"output_dir={tmp_path / name}",
+        "model=qwen2-0.5b",
+        "total_steps=8",
+        "log_every=1",
+        "checkpoint_every=4",
+        "batch_size=8",
+        f"seq_len={SEQ}",
+        "optimizer.learning_rate=1e-2",
+        "optimizer.warmup_steps=2",
+        "loss.chunk_length=8",
+        "progress=false",
+        "mesh.data=-1",
+    ]
     sets += [f"model_overrides.{k}={v}" for k, v in model.items()]
     return load_config(None, sets + list(overrides))
 
@@ -68,8 +86,7 @@ def test_loss_falls_and_resume_is_identical(tmp_path):
     assert unbroken[-1] < unbroken[0] - 0.1, unbroken
 
     with pytest.raises(_Interrupted):  # dies before step 7, after the step-4 checkpoint
-        train(_config(tmp_path, name="broken"), data=_StopsAfter(6, TINY_MODEL["vocab_size"], SEQ),
-              log=lambda *_: None)
+        train(_config(tmp_path, name="broken"), data=_StopsAfter(6, TINY_MODEL["vocab_size"], SEQ), log=lambda *_: None)
     summary = train(_config(tmp_path, name="broken"), data=data, log=lambda *_: None)
     assert summary["step"] == 8
     assert _losses(tmp_path / "broken") == unbroken  # bit-identical, one record per step
@@ -85,7 +102,8 @@ def _one_step(config, seed=0):
     params = run.setup.init_params(seed)
     state = new_state(params, run.tx, seed, run.shardings)
     rows = SyntheticData(TINY_MODEL["vocab_size"], SEQ).train_iterator(
-        global_batch_size=config.batch_size, seed=0, process_index=0, process_count=1)
+        global_batch_size=config.batch_size, seed=0, process_index=0, process_count=1
+    )
     from train.batches import global_batch
 
     batch = global_batch(next(rows), run.batch_sharding, config.batch_size)
@@ -122,8 +140,15 @@ def test_remat_policies_give_the_same_step(tmp_path, remat):
 
 
 def test_non_finite_loss_stops_keeping_last_good_checkpoint(tmp_path):
-    cfg = _config(tmp_path, "optimizer.learning_rate=1e30", "optimizer.warmup_steps=0", "optimizer.clip_norm=0",
-                  "checkpoint_every=1", "total_steps=6", "async_checkpoints=false")
+    cfg = _config(
+        tmp_path,
+        "optimizer.learning_rate=1e30",
+        "optimizer.warmup_steps=0",
+        "optimizer.clip_norm=0",
+        "checkpoint_every=1",
+        "total_steps=6",
+        "async_checkpoints=false",
+    )
     with pytest.raises(NonFiniteError, match=r"at step (\d)") as e:
         train(cfg, data=SyntheticData(TINY_MODEL["vocab_size"], SEQ), log=lambda *_: None)
     bad_step = int(str(e.value).split("at step ")[1].split()[0])
@@ -132,11 +157,14 @@ def test_non_finite_loss_stops_keeping_last_good_checkpoint(tmp_path):
     assert f"last good checkpoint: step {bad_step - 1}" in str(e.value)
 
 
-@pytest.mark.parametrize("overrides,match", [
-    (("mesh.data=3",), "needs 3 devices"),
-    (("batch_size=12", "mesh.data=8"), "not divisible by the data-parallel"),
-    (("batch_size=8", "grad_accum_steps=2", "mesh.data=8"), "micro-batch 4"),
-])
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (("mesh.data=3",), "needs 3 devices"),
+        (("batch_size=12", "mesh.data=8"), "not divisible by the data-parallel"),
+        (("batch_size=8", "grad_accum_steps=2", "mesh.data=8"), "micro-batch 4"),
+    ],
+)
 def test_mesh_and_batch_errors(tmp_path, overrides, match):
     with pytest.raises(UsageError, match=match):
         build_run(_config(tmp_path, *overrides))

@@ -47,5 +47,12 @@ class SyntheticData:
         return _Rows(self.vocab, self.seq_len, global_batch_size, 12345, process_index, process_count, 1)
 
 
-TINY_MODEL = dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+TINY_MODEL = dict(
+    vocab_size=256,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)

@@ -11,12 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Any, Iterator, Protocol
+from collections.abc import Iterator
+from typing import Any, Protocol
 
 import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
+from qwen2_jax.cli_support import UsageError
 from train.config import DataConfig
 
 
@@ -27,14 +29,16 @@ class StatefulIterator(Protocol):
 
 
 class DataProvider(Protocol):
-    def train_iterator(self, *, global_batch_size: int, seed: int, process_index: int,
-                       process_count: int) -> StatefulIterator: ...
+    def train_iterator(
+        self, *, global_batch_size: int, seed: int, process_index: int, process_count: int
+    ) -> StatefulIterator: ...
 
-    def eval_iterator(self, *, global_batch_size: int, process_index: int,
-                      process_count: int) -> Iterator[dict[str, np.ndarray]]: ...
+    def eval_iterator(
+        self, *, global_batch_size: int, process_index: int, process_count: int
+    ) -> Iterator[dict[str, np.ndarray]]: ...
 
 
-class CorpusError(ValueError):
+class CorpusError(UsageError, ValueError):
     """Sources that cannot be prepared (unsupported file, empty directory): bad input, exit status 2."""
 
 
@@ -54,25 +58,41 @@ class Corpus:
         try:
             if not sources:
                 sources = [str(p) for p in data.default_corpus_sources(cache_dir)]
-            options = {"sources": sources, "seq_len": seq_len, "text_key": cfg.text_key,
-                       "eval_sequences": cfg.eval_sequences}
+            options = {
+                "sources": sources,
+                "seq_len": seq_len,
+                "text_key": cfg.text_key,
+                "eval_sequences": cfg.eval_sequences,
+            }
             digest = hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:12]
             label = os.path.splitext(os.path.basename(sources[0]))[0] if len(sources) == 1 else "corpus"
             self.data_dir = os.path.join(cache_dir, "prepared", f"{label}-{seq_len}-{digest}")
             kwargs = {"eval_sequences": cfg.eval_sequences} if cfg.eval_sequences is not None else {}
-            data.ensure_prepared(sources, self.data_dir, seq_len=seq_len, text_key=cfg.text_key, progress=progress,
-                                 **kwargs)
+            data.ensure_prepared(
+                sources, self.data_dir, seq_len=seq_len, text_key=cfg.text_key, progress=progress, **kwargs
+            )
         except ValueError as e:
             raise CorpusError(f"corpus: {e}") from None
         self._data = data
 
     def train_iterator(self, *, global_batch_size, seed, process_index, process_count):
-        return self._data.make_train_iterator(self.data_dir, global_batch_size=global_batch_size, seed=seed,
-                                              process_index=process_index, process_count=process_count)
+        return self._data.make_train_iterator(
+            self.data_dir,
+            global_batch_size=global_batch_size,
+            seed=seed,
+            process_index=process_index,
+            process_count=process_count,
+        )
 
     def eval_iterator(self, *, global_batch_size, process_index, process_count):
-        return iter(self._data.make_eval_iterator(self.data_dir, global_batch_size=global_batch_size,
-                                                  process_index=process_index, process_count=process_count))
+        return iter(
+            self._data.make_eval_iterator(
+                self.data_dir,
+                global_batch_size=global_batch_size,
+                process_index=process_index,
+                process_count=process_count,
+            )
+        )
 
 
 def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding, global_batch_size: int) -> dict[str, jax.Array]:

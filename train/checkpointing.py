@@ -31,12 +31,21 @@ class CheckpointStore:
     def __init__(self, output_dir: str, *, keep: int, async_saves: bool = True):
         self.directory = os.path.abspath(os.path.join(output_dir, CHECKPOINT_SUBDIR))
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, cleanup_tmp_directories=True, enable_async_checkpointing=async_saves,
-            save_interval_steps=1)
+            max_to_keep=keep,
+            create=True,
+            cleanup_tmp_directories=True,
+            enable_async_checkpointing=async_saves,
+            save_interval_steps=1,
+        )
         self.manager = ocp.CheckpointManager(
-            self.directory, options=options,
-            item_handlers={"params": params_handler(), "opt_state": ocp.StandardCheckpointHandler(),
-                           "meta": ocp.JsonCheckpointHandler()})
+            self.directory,
+            options=options,
+            item_handlers={
+                "params": params_handler(),
+                "opt_state": ocp.StandardCheckpointHandler(),
+                "meta": ocp.JsonCheckpointHandler(),
+            },
+        )
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -46,32 +55,46 @@ class CheckpointStore:
         in the background unless wait=True). `meta` must be JSON-serialisable."""
         step = int(jax.device_get(state.step))
         meta = dict(meta, step=step, rng=[int(x) for x in np.asarray(jax.device_get(state.rng))])
-        self.manager.save(step, args=ocp.args.Composite(
-            params=ocp.args.PyTreeSave(state.params, save_args=params_save_args(state.params)),
-            opt_state=ocp.args.StandardSave(state.opt_state),
-            meta=ocp.args.JsonSave(meta)), force=True)
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                params=ocp.args.PyTreeSave(state.params, save_args=params_save_args(state.params)),
+                opt_state=ocp.args.StandardSave(state.opt_state),
+                meta=ocp.args.JsonSave(meta),
+            ),
+            force=True,
+        )
         if wait:
             self.manager.wait_until_finished()
 
     def restore(self, step: int, abstract: TrainState, shardings: TrainState) -> tuple[TrainState, dict[str, Any]]:
         """The state saved at `step`, every array placed straight into its sharding, and its meta."""
-        params_target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                     abstract.params, shardings.params)
-        params_args = jax.tree.map(lambda a, s: ocp.ArrayRestoreArgs(sharding=s, dtype=a.dtype),
-                                   abstract.params, shardings.params)
-        opt_target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                  abstract.opt_state, shardings.opt_state)
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.PyTreeRestore(item=params_target, restore_args=params_args),
-            opt_state=ocp.args.StandardRestore(opt_target),
-            meta=ocp.args.JsonRestore()))
+        params_target = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract.params, shardings.params
+        )
+        params_args = jax.tree.map(
+            lambda a, s: ocp.ArrayRestoreArgs(sharding=s, dtype=a.dtype), abstract.params, shardings.params
+        )
+        opt_target = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract.opt_state, shardings.opt_state
+        )
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                params=ocp.args.PyTreeRestore(item=params_target, restore_args=params_args),
+                opt_state=ocp.args.StandardRestore(opt_target),
+                meta=ocp.args.JsonRestore(),
+            ),
+        )
         meta = dict(restored["meta"])
         if int(meta["step"]) != step:
             raise ValueError(f"{self.directory}/{step}: meta says step {meta['step']}")
         state = TrainState(
             step=jax.device_put(np.asarray(step, np.int32), shardings.step),
-            params=restored["params"], opt_state=restored["opt_state"],
-            rng=jax.device_put(np.asarray(meta["rng"], np.uint32), shardings.rng))
+            params=restored["params"],
+            opt_state=restored["opt_state"],
+            rng=jax.device_put(np.asarray(meta["rng"], np.uint32), shardings.rng),
+        )
         return state, meta
 
     def wait(self) -> None:

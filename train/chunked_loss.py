@@ -17,7 +17,7 @@ predictions made at padding positions, sum in float32); only the order of the fi
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +30,8 @@ def shifted_targets(labels_bt, attention_mask_bt=None):
     """(targets [b, t], valid [b, t]): position t predicts labels[t + 1]; valid marks counted positions."""
     labels_bt = jnp.asarray(labels_bt, jnp.int32)
     shifted_bt = jnp.concatenate(
-        [labels_bt[:, 1:], jnp.full((labels_bt.shape[0], 1), IGNORE_INDEX, labels_bt.dtype)], axis=1)
+        [labels_bt[:, 1:], jnp.full((labels_bt.shape[0], 1), IGNORE_INDEX, labels_bt.dtype)], axis=1
+    )
     valid_bt = shifted_bt != IGNORE_INDEX
     if attention_mask_bt is not None:
         valid_bt = valid_bt & jnp.asarray(attention_mask_bt).astype(bool)
@@ -111,8 +112,12 @@ def _fused_loss_fwd(logits_fn, chunk_length, hidden_btd, head, targets_bt, valid
 
 def _fused_loss_bwd(logits_fn, chunk_length, residuals, g):
     hidden_grad, head_grad, targets_bt, valid_bt = residuals
-    return ((g * hidden_grad).astype(hidden_grad.dtype), (g * head_grad).astype(head_grad.dtype),
-            np.zeros(targets_bt.shape, jax.dtypes.float0), np.zeros(valid_bt.shape, jax.dtypes.float0))
+    return (
+        (g * hidden_grad).astype(hidden_grad.dtype),
+        (g * head_grad).astype(head_grad.dtype),
+        np.zeros(targets_bt.shape, jax.dtypes.float0),
+        np.zeros(valid_bt.shape, jax.dtypes.float0),
+    )
 
 
 _fused_loss.defvjp(_fused_loss_fwd, _fused_loss_bwd)

@@ -13,28 +13,29 @@ The device count comes from the platform (tests set fake CPU devices through XLA
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+from qwen2_jax.cli_support import EXIT_FAILURE, EXIT_OK, ArgumentParser, UsageError, run_cli
 
-
-class UsageError(Exception):
-    """Bad command line: exit 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse prints usage + message over several lines; we want one
-        raise UsageError(message)
+PROG = "qwen2-train"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="qwen2-train", description="Train a Qwen2 / Qwen2-MoE model (see configs/train/).")
+    parser = ArgumentParser(prog=PROG, description="Train a Qwen2 / Qwen2-MoE model (see configs/train/).")
     parser.add_argument("--config", required=True, help="training recipe (YAML)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, dotted for sections (mesh.data=4, optimizer.learning_rate=1e-3)")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="compile the training step without allocating it and print its memory per device")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, dotted for sections (mesh.data=4, optimizer.learning_rate=1e-3)",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="compile the training step without allocating it and print its memory per device",
+    )
     multi = parser.add_argument_group("multi-process (jax.distributed)")
     multi.add_argument("--coordinator-address", metavar="HOST:PORT")
     multi.add_argument("--num-processes", type=int)
@@ -48,46 +49,24 @@ def main(argv=None) -> int:
         from train.data import prepare_main
 
         return prepare_main(argv[1:])
-    from qwen2_jax.config import ConfigError
-    from qwen2_jax.safetensors_io import CheckpointError
-    from train.batches import CorpusError
-    from train.config import ConfigKeyError
-    from train.loop import NonFiniteError
-    from train.loop import UsageError as RunUsageError
-
-    try:
-        args = build_parser().parse_args(argv)
-        _start_distributed(args)
-        from train.config import load_config
-
-        config = load_config(args.config, args.overrides)
-        if args.dry_run:
-            return _dry_run(config)
-        from train.loop import train
-
-        train(config)
-        return EXIT_OK
-    except (UsageError, RunUsageError, ConfigKeyError, ConfigError, CheckpointError, CorpusError,
-            FileNotFoundError) as e:
-        _error(e)
-        return EXIT_USAGE
-    except NonFiniteError as e:
-        _error(e)
-        return EXIT_FAILURE
-    except KeyboardInterrupt:
-        _error("interrupted")
-        return 130
-    except Exception as e:  # one line, no traceback, unless asked
-        if os.environ.get("QWEN2_TRAIN_DEBUG"):
-            raise
-        _error(f"{type(e).__name__}: {e}")
-        return EXIT_FAILURE
+    return run_cli(PROG, _main, argv)
 
 
-def _error(message) -> None:
-    text = " ".join(str(message).split()).strip() or type(message).__name__
-    sys.stderr.write(f"qwen2-train: error: {text}\n")
-    sys.stderr.flush()
+def _main(argv: list[str]) -> int:
+    """Bad input raises a UsageError (config keys, mesh, batch, corpus), FileNotFoundError, ConfigError or
+    CheckpointError: run_cli reports each as one line and exit 2; anything else (a non-finite loss
+    included) as one line and exit 1."""
+    args = build_parser().parse_args(argv)
+    _start_distributed(args)
+    from train.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    if args.dry_run:
+        return _dry_run(config)
+    from train.loop import train
+
+    train(config)
+    return EXIT_OK
 
 
 def _start_distributed(args) -> None:
@@ -98,8 +77,9 @@ def _start_distributed(args) -> None:
         raise UsageError("--coordinator-address, --num-processes and --process-id go together")
     import jax
 
-    jax.distributed.initialize(coordinator_address=args.coordinator_address, num_processes=args.num_processes,
-                               process_id=args.process_id)
+    jax.distributed.initialize(
+        coordinator_address=args.coordinator_address, num_processes=args.num_processes, process_id=args.process_id
+    )
 
 
 def _dry_run(config) -> int:

@@ -13,16 +13,20 @@ import dataclasses
 import os
 import types
 import typing
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import yaml
 
-DTYPES = ("float32", "bfloat16", "float16")
+from qwen2_jax.cli_support import UsageError
+from qwen2_jax.dtypes import PARAM_DTYPE_NAMES
+
+DTYPES = PARAM_DTYPE_NAMES
 REMAT_POLICIES = ("none", "dots", "full")
 SCHEDULES = ("cosine", "linear", "constant")
 
 
-class ConfigKeyError(ValueError):
+class ConfigKeyError(UsageError, ValueError):
     """A config key that does not exist, or a value that does not fit its key."""
 
 
@@ -164,7 +168,7 @@ def _set_dotted(raw: dict, key: str, value) -> None:
         if child is None:
             child = node[part] = {}
         if not isinstance(child, dict):
-            raise ConfigKeyError(f"config key {'.'.join(parts[:i + 1])!r} is not a section (cannot set {key!r})")
+            raise ConfigKeyError(f"config key {'.'.join(parts[: i + 1])!r} is not a section (cannot set {key!r})")
         node = child
     node[parts[-1]] = value
 
@@ -178,8 +182,9 @@ def build(cls, raw: Mapping[str, Any], prefix: str):
     for key in raw:
         if key not in fields:
             where = f" in section {prefix.rstrip('.')!r}" if prefix else ""
-            raise ConfigKeyError(f"unknown config key {prefix + str(key)!r}{where} "
-                                 f"(known: {', '.join(sorted(fields))})")
+            raise ConfigKeyError(
+                f"unknown config key {prefix + str(key)!r}{where} (known: {', '.join(sorted(fields))})"
+            )
     values = {}
     for name, value in raw.items():
         values[name] = _coerce(hints[name], value, prefix + name)
@@ -246,14 +251,28 @@ def validate(config: TrainConfig) -> None:
     for key in ("dtype", "param_dtype"):
         need(getattr(config, key) in DTYPES, key, f"must be one of {', '.join(DTYPES)}, got {getattr(config, key)!r}")
     need(config.remat in REMAT_POLICIES, "remat", f"must be one of {', '.join(REMAT_POLICIES)}, got {config.remat!r}")
-    need(config.optimizer.schedule in SCHEDULES, "optimizer.schedule",
-         f"must be one of {', '.join(SCHEDULES)}, got {config.optimizer.schedule!r}")
-    for key in ("batch_size", "grad_accum_steps", "seq_len", "total_steps", "log_every", "checkpoint_every",
-                "keep_checkpoints", "scan_unroll"):
+    need(
+        config.optimizer.schedule in SCHEDULES,
+        "optimizer.schedule",
+        f"must be one of {', '.join(SCHEDULES)}, got {config.optimizer.schedule!r}",
+    )
+    for key in (
+        "batch_size",
+        "grad_accum_steps",
+        "seq_len",
+        "total_steps",
+        "log_every",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "scan_unroll",
+    ):
         need(getattr(config, key) >= 1, key, f"must be >= 1, got {getattr(config, key)}")
     need(config.seq_len >= 2, "seq_len", f"must be >= 2 (a next-token target needs two tokens), got {config.seq_len}")
-    need(config.batch_size % config.grad_accum_steps == 0, "grad_accum_steps",
-         f"must divide batch_size ({config.batch_size}), got {config.grad_accum_steps}")
+    need(
+        config.batch_size % config.grad_accum_steps == 0,
+        "grad_accum_steps",
+        f"must divide batch_size ({config.batch_size}), got {config.grad_accum_steps}",
+    )
     need(config.eval_every >= 0, "eval_every", f"must be >= 0, got {config.eval_every}")
     need(config.eval_batches >= 0, "eval_batches", f"must be >= 0 (0 = all), got {config.eval_batches}")
     need(config.seed >= 0, "seed", f"must be >= 0, got {config.seed}")
@@ -263,20 +282,29 @@ def validate(config: TrainConfig) -> None:
         size = getattr(config.mesh, axis)
         need(size >= 1 or size == -1, f"mesh.{axis}", f"must be a positive integer or -1, got {size}")
     free = [a for a in ("data", "fsdp", "expert", "tensor") if getattr(config.mesh, a) == -1]
-    need(len(free) <= 1, f"mesh.{free[-1] if free else 'data'}", f"is -1 like mesh.{free[0] if free else ''}: "
-                                                                  "only one axis may be -1")
+    need(
+        len(free) <= 1,
+        f"mesh.{free[-1] if free else 'data'}",
+        f"is -1 like mesh.{free[0] if free else ''}: only one axis may be -1",
+    )
     opt = config.optimizer
     need(opt.learning_rate > 0, "optimizer.learning_rate", f"must be > 0, got {opt.learning_rate}")
     need(opt.warmup_steps >= 0, "optimizer.warmup_steps", f"must be >= 0, got {opt.warmup_steps}")
-    need(0 <= opt.final_learning_rate_ratio <= 1, "optimizer.final_learning_rate_ratio",
-         f"must be in [0, 1], got {opt.final_learning_rate_ratio}")
+    need(
+        0 <= opt.final_learning_rate_ratio <= 1,
+        "optimizer.final_learning_rate_ratio",
+        f"must be in [0, 1], got {opt.final_learning_rate_ratio}",
+    )
     need(0 <= opt.b1 < 1, "optimizer.b1", f"must be in [0, 1), got {opt.b1}")
     need(0 <= opt.b2 < 1, "optimizer.b2", f"must be in [0, 1), got {opt.b2}")
     need(opt.eps > 0, "optimizer.eps", f"must be > 0, got {opt.eps}")
     need(opt.weight_decay >= 0, "optimizer.weight_decay", f"must be >= 0, got {opt.weight_decay}")
     need(opt.clip_norm >= 0, "optimizer.clip_norm", f"must be >= 0 (0 = off), got {opt.clip_norm}")
-    need(config.loss.chunk_length >= 0, "loss.chunk_length", f"must be >= 0 (0 = unchunked), got "
-                                                             f"{config.loss.chunk_length}")
+    need(
+        config.loss.chunk_length >= 0,
+        "loss.chunk_length",
+        f"must be >= 0 (0 = unchunked), got {config.loss.chunk_length}",
+    )
     need(config.loss.z_loss_coef >= 0, "loss.z_loss_coef", f"must be >= 0, got {config.loss.z_loss_coef}")
     _validate_model_overrides(config.model_overrides)
 
@@ -287,5 +315,4 @@ def _validate_model_overrides(overrides: Mapping[str, Any]) -> None:
     known = {f.name for f in dataclasses.fields(Qwen2Config)} - {"checkpoint_info"}
     for key in overrides:
         if key not in known:
-            raise ConfigKeyError(f"unknown config key {'model_overrides.' + str(key)!r} "
-                                 f"(not a Qwen2Config field)")
+            raise ConfigKeyError(f"unknown config key {'model_overrides.' + str(key)!r} (not a Qwen2Config field)")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import signal
-import sys
 import time
 from typing import Any
 
@@ -19,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qwen2_jax.cli_support import UsageError
 from train import model_setup as ms
 from train.batches import Corpus, DataProvider, global_batch
 from train.checkpointing import CheckpointStore
@@ -26,12 +26,16 @@ from train.config import TrainConfig
 from train.metrics import MetricsLogger, peak_flops_per_device, perplexity
 from train.objective import Objective
 from train.optimizer import make_optimizer
-from train.train_step import (TrainState, abstract_state, jit_eval_step, jit_train_step, make_eval_step,
-                              make_train_step, new_state, state_shardings)
-
-
-class UsageError(ValueError):
-    """Input that does not fit this run (mesh vs devices, batch vs data axes): exit status 2."""
+from train.train_step import (
+    TrainState,
+    abstract_state,
+    jit_eval_step,
+    jit_train_step,
+    make_eval_step,
+    make_train_step,
+    new_state,
+    state_shardings,
+)
 
 
 class NonFiniteError(RuntimeError):
@@ -59,12 +63,14 @@ class Run:
 
     def abstract_batch(self, rows: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
         rows = self.config.batch_size if rows is None else rows
-        return {"input_ids": jax.ShapeDtypeStruct((rows, self.config.seq_len), jnp.int32,
-                                                  sharding=self.batch_sharding)}
+        return {"input_ids": jax.ShapeDtypeStruct((rows, self.config.seq_len), jnp.int32, sharding=self.batch_sharding)}
 
     def abstract_state(self) -> TrainState:
-        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            abstract_state(self.setup, self.tx), self.shardings)
+        return jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            abstract_state(self.setup, self.tx),
+            self.shardings,
+        )
 
     def compile_train_step(self):
         return self.train_step.lower(self.abstract_state(), self.abstract_batch()).compile()
@@ -79,23 +85,36 @@ def build_run(config: TrainConfig) -> Run:
         raise UsageError(f"mesh: {e}") from None
     ways = ms.batch_axes_size(mesh)
     if config.micro_batch_size % ways:
-        micro = f" (micro-batch {config.micro_batch_size} of grad_accum_steps {config.grad_accum_steps})" \
-            if config.grad_accum_steps > 1 else ""
-        raise UsageError(f"batch_size {config.batch_size}{micro} is not divisible by the data-parallel mesh axes "
-                         f"(data x fsdp x expert = {ways})")
+        micro = (
+            f" (micro-batch {config.micro_batch_size} of grad_accum_steps {config.grad_accum_steps})"
+            if config.grad_accum_steps > 1
+            else ""
+        )
+        raise UsageError(
+            f"batch_size {config.batch_size}{micro} is not divisible by the data-parallel mesh axes "
+            f"(data x fsdp x expert = {ways})"
+        )
     if config.batch_size % jax.process_count():
         raise UsageError(f"batch_size {config.batch_size} is not divisible by the {jax.process_count()} processes")
-    setup = ms.ModelSetup(source.config, mesh, dtype=config.dtype, param_dtype=config.param_dtype,
-                          remat=config.remat, scan_unroll=config.scan_unroll, moe_impl=config.moe_impl,
-                          moe_exchange=config.moe_exchange)
+    setup = ms.ModelSetup(
+        source.config,
+        mesh,
+        dtype=config.dtype,
+        param_dtype=config.param_dtype,
+        remat=config.remat,
+        scan_unroll=config.scan_unroll,
+        moe_impl=config.moe_impl,
+        moe_exchange=config.moe_exchange,
+    )
     tx, schedule = make_optimizer(config.optimizer, config.total_steps)
     replicated = ms.replicated(mesh)
     shardings = state_shardings(setup, tx, replicated)
     batch_sharding = ms.batch_sharding(mesh)
     objective = Objective(setup, config.loss)
     # one sharding for every field of a batch (input_ids, and attention_mask in held-out batches)
-    train_step = jit_train_step(make_train_step(objective, tx, schedule, config.grad_accum_steps), shardings,
-                                batch_sharding, replicated)
+    train_step = jit_train_step(
+        make_train_step(objective, tx, schedule, config.grad_accum_steps), shardings, batch_sharding, replicated
+    )
     eval_step = jit_eval_step(make_eval_step(objective), shardings.params, batch_sharding, replicated)
     return Run(config, setup, tx, schedule, shardings, batch_sharding, replicated, train_step, eval_step, source)
 
@@ -135,8 +154,9 @@ def _train(run: Run, data: DataProvider, store: CheckpointStore, start_time: flo
     config, setup = run.config, run.setup
     process_index, process_count = jax.process_index(), jax.process_count()
     local_rows = config.batch_size // process_count
-    train_iter = data.train_iterator(global_batch_size=config.batch_size, seed=config.seed,
-                                     process_index=process_index, process_count=process_count)
+    train_iter = data.train_iterator(
+        global_batch_size=config.batch_size, seed=config.seed, process_index=process_index, process_count=process_count
+    )
     if process_index == 0:
         setup.write_checkpoint_files(store.directory, source=f"qwen2-train {config.model}")
 
@@ -154,12 +174,19 @@ def _train(run: Run, data: DataProvider, store: CheckpointStore, start_time: flo
     step = int(jax.device_get(state.step))
 
     n_params = sum(math.prod(a.shape) for a in jax.tree.leaves(setup.abstract_params()))
-    log(f"qwen2-train: {config.model} ({_count(n_params)} params) on mesh "
+    log(
+        f"qwen2-train: {config.model} ({_count(n_params)} params) on mesh "
         f"{' x '.join(f'{k}={v}' for k, v in run.mesh.shape.items())}, {config.batch_size} x {config.seq_len} "
-        f"tokens per step, steps {step}..{config.total_steps}")
+        f"tokens per step, steps {step}..{config.total_steps}"
+    )
     compiled_step = run.compile_train_step()
-    logger = MetricsLogger(config.output_dir, total_steps=config.total_steps, resume_step=resume_step,
-                           enabled=process_index == 0, progress=config.progress)
+    logger = MetricsLogger(
+        config.output_dir,
+        total_steps=config.total_steps,
+        resume_step=resume_step,
+        enabled=process_index == 0,
+        progress=config.progress,
+    )
     tokens_per_step = config.batch_size * config.seq_len
     flops_per_token = ms.flops_per_token(setup.config, config.seq_len)
     peak = peak_flops_per_device(jax.devices()[0].device_kind)
@@ -167,8 +194,11 @@ def _train(run: Run, data: DataProvider, store: CheckpointStore, start_time: flo
     stopped_early = False
 
     def checkpoint(wait=False):
-        meta = {"data": train_iter.get_state(), "elapsed": elapsed_before + time.perf_counter() - start_time,
-                "config": config.to_dict()}
+        meta = {
+            "data": train_iter.get_state(),
+            "elapsed": elapsed_before + time.perf_counter() - start_time,
+            "config": config.to_dict(),
+        }
         store.save(state, meta, wait=wait)
 
     try:
@@ -177,17 +207,21 @@ def _train(run: Run, data: DataProvider, store: CheckpointStore, start_time: flo
             while step < config.total_steps:
                 local = next(train_iter)
                 if local["input_ids"].shape != (local_rows, config.seq_len):
-                    raise ValueError(f"data pipeline gave a batch of shape {local['input_ids'].shape}, "
-                                     f"expected {(local_rows, config.seq_len)}")
+                    raise ValueError(
+                        f"data pipeline gave a batch of shape {local['input_ids'].shape}, "
+                        f"expected {(local_rows, config.seq_len)}"
+                    )
                 batch = global_batch(local, run.batch_sharding, config.batch_size)
                 state, metrics = compiled_step(state, batch)
                 step += 1
                 interval_steps += 1
                 if not bool(metrics["finite"]):
                     loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
-                    raise NonFiniteError(f"non-finite {'loss' if not np.isfinite(loss) else 'gradient'} at step "
-                                         f"{step} (loss {loss}, grad_norm {grad_norm}); last good checkpoint: "
-                                         f"{_describe(store.latest_step())}")
+                    raise NonFiniteError(
+                        f"non-finite {'loss' if not np.isfinite(loss) else 'gradient'} at step "
+                        f"{step} (loss {loss}, grad_norm {grad_norm}); last good checkpoint: "
+                        f"{_describe(store.latest_step())}"
+                    )
                 do_eval = config.eval_every and step % config.eval_every == 0
                 if step % config.log_every == 0 or do_eval or step == config.total_steps:
                     now = time.perf_counter()
@@ -219,8 +253,12 @@ def _train(run: Run, data: DataProvider, store: CheckpointStore, start_time: flo
 
 def _train_record(metrics, tokens_per_second: float) -> dict[str, Any]:
     host = jax.device_get(metrics)
-    record = {"loss": float(host["loss"]), "learning_rate": float(host["learning_rate"]),
-              "grad_norm": float(host["grad_norm"]), "tokens_per_second": tokens_per_second}
+    record = {
+        "loss": float(host["loss"]),
+        "learning_rate": float(host["learning_rate"]),
+        "grad_norm": float(host["grad_norm"]),
+        "tokens_per_second": tokens_per_second,
+    }
     for key in ("aux_loss", "z_loss"):
         if key in host:
             record[key] = float(host[key])
@@ -230,8 +268,9 @@ def _train_record(metrics, tokens_per_second: float) -> dict[str, Any]:
 def evaluate(run: Run, data: DataProvider, params) -> dict[str, float]:
     """Mean token loss and perplexity over eval_batches batches of the held-out split (from its start)."""
     config = run.config
-    it = data.eval_iterator(global_batch_size=config.batch_size, process_index=jax.process_index(),
-                            process_count=jax.process_count())
+    it = data.eval_iterator(
+        global_batch_size=config.batch_size, process_index=jax.process_index(), process_count=jax.process_count()
+    )
     loss_sum, tokens = 0.0, 0.0
     for i, local in enumerate(it):
         if config.eval_batches and i >= config.eval_batches:
@@ -249,8 +288,3 @@ def _count(n: int) -> str:
 
 def _describe(step):
     return "none" if step is None else f"step {step}"
-
-
-def print_stderr(message: str) -> None:
-    sys.stderr.write(message + "\n")
-    sys.stderr.flush()

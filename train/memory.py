@@ -14,6 +14,7 @@ def memory_report(compiled) -> dict[str, int]:
         "temp_bytes": int(m.temp_size_in_bytes),
         "generated_code_bytes": int(m.generated_code_size_in_bytes),
     }
-    report["total_bytes"] = (report["argument_bytes"] + report["output_bytes"] - report["alias_bytes"]
-                             + report["temp_bytes"])
+    report["total_bytes"] = (
+        report["argument_bytes"] + report["output_bytes"] - report["alias_bytes"] + report["temp_bytes"]
+    )
     return report

@@ -39,8 +39,9 @@ def peak_flops_per_device(device_kind: str) -> float | None:
 
 
 class MetricsLogger:
-    def __init__(self, output_dir: str, *, total_steps: int, resume_step: int | None, enabled: bool = True,
-                 progress: bool = True):
+    def __init__(
+        self, output_dir: str, *, total_steps: int, resume_step: int | None, enabled: bool = True, progress: bool = True
+    ):
         self.enabled = enabled
         self.progress = progress and enabled
         self.total_steps = total_steps
@@ -53,8 +54,9 @@ class MetricsLogger:
         from tensorboardX import SummaryWriter
 
         # purge_step hides events a killed run wrote after the checkpoint it is resumed from
-        self.writer = SummaryWriter(os.path.join(output_dir, TENSORBOARD_DIR),
-                                    purge_step=(resume_step + 1) if resume_step else None)
+        self.writer = SummaryWriter(
+            os.path.join(output_dir, TENSORBOARD_DIR), purge_step=(resume_step + 1) if resume_step else None
+        )
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:

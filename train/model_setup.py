@@ -12,21 +12,18 @@ import dataclasses
 import os
 from typing import Any
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from qwen2_jax.checkpoint import is_hf_dir, load_checkpoint
 from qwen2_jax.config import ConfigError, Qwen2Config, preset
+from qwen2_jax.dtypes import PARAM_DTYPES
 from qwen2_jax.model import Qwen2ForCausalLM, positions_from_mask, vocab_logits
 from qwen2_jax.moe import load_balancing_loss, router_z_loss
 from qwen2_jax.options import RunOptions
 from qwen2_jax.orbax_checkpoint import is_orbax_checkpoint, params_handler, params_save_args, write_checkpoint_files
 from qwen2_jax.params import abstract_params, init_params, param_shardings
 from qwen2_jax.sharding import MESH_AXES, ShardingContext, ShardingError, make_mesh
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,15 +91,31 @@ def replicated(mesh: Mesh) -> NamedSharding:
 class ModelSetup:
     """A model on a mesh: shapes, shardings, init/load, and the pure functions the loss needs."""
 
-    def __init__(self, config: Qwen2Config, mesh: Mesh, *, dtype: str = "float32", param_dtype: str = "float32",
-                 remat: str = "none", scan_unroll: int = 1, moe_impl: str = "auto", moe_exchange: str = "auto"):
+    def __init__(
+        self,
+        config: Qwen2Config,
+        mesh: Mesh,
+        *,
+        dtype: str = "float32",
+        param_dtype: str = "float32",
+        remat: str = "none",
+        scan_unroll: int = 1,
+        moe_impl: str = "auto",
+        moe_exchange: str = "auto",
+    ):
         self.config = config
         self.mesh = mesh
         self.sharding = ShardingContext(mesh)
         # the checkpoint layout (stacked layers, [in, out] kernels): what training saves and restores
-        self.options = RunOptions(dtype=DTYPES[dtype], param_dtype=DTYPES[param_dtype], remat=remat,
-                                  scan_unroll=scan_unroll, moe_impl=moe_impl, moe_exchange=moe_exchange,
-                                  sharding=self.sharding)
+        self.options = RunOptions(
+            dtype=PARAM_DTYPES[dtype],
+            param_dtype=PARAM_DTYPES[param_dtype],
+            remat=remat,
+            scan_unroll=scan_unroll,
+            moe_impl=moe_impl,
+            moe_exchange=moe_exchange,
+            sharding=self.sharding,
+        )
         self.param_dtype = self.options.param_dtype
         self.dtype = self.options.compute_dtype
         self.module = Qwen2ForCausalLM(config, self.options)
@@ -139,9 +152,15 @@ class ModelSetup:
         """(final normed hidden states [b, t, d], router logits per sparse layer): the model without its
         LM head, which the chunked loss applies itself. rng feeds the "dropout" stream (Qwen2 has no
         dropout in training today; the stream is there so a model that gains one gets its key)."""
-        out = self.module.apply({"params": params}, input_ids_bt, positions_from_mask(attention_mask_bt),
-                                attention_mask_bt, output_router_logits=self.is_moe, return_logits=False,
-                                rngs={"dropout": rng} if rng is not None else None)
+        out = self.module.apply(
+            {"params": params},
+            input_ids_bt,
+            positions_from_mask(attention_mask_bt),
+            attention_mask_bt,
+            output_router_logits=self.is_moe,
+            return_logits=False,
+            rngs={"dropout": rng} if rng is not None else None,
+        )
         return out["final_hidden"], tuple(out.get("router_logits", ()))
 
     def lm_head(self, params):
@@ -184,5 +203,17 @@ def flops_per_token(config: Qwen2Config, seq_len: int) -> float:
     return 6.0 * (per_layer + head) + attention
 
 
-__all__ = ["params_handler", "params_save_args", "ModelSource", "ModelSetup", "resolve_model", "build_mesh", "batch_axes_size", "batch_sharding",
-           "replicated", "flops_per_token", "ShardingError", "ConfigError"]
+__all__ = [
+    "params_handler",
+    "params_save_args",
+    "ModelSource",
+    "ModelSetup",
+    "resolve_model",
+    "build_mesh",
+    "batch_axes_size",
+    "batch_sharding",
+    "replicated",
+    "flops_per_token",
+    "ShardingError",
+    "ConfigError",
+]

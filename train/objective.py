@@ -48,8 +48,9 @@ class Objective:
         def logits_fn(hidden_bcd, head):
             return setup.logits(setup.constrain_hidden(hidden_bcd), head)
 
-        loss_sum, tokens = chunked_cross_entropy(hidden_btd, head, logits_fn, targets_bt, valid_bt,
-                                                 self.loss.chunk_length)
+        loss_sum, tokens = chunked_cross_entropy(
+            hidden_btd, head, logits_fn, targets_bt, valid_bt, self.loss.chunk_length
+        )
         out = {"loss_sum": loss_sum, "tokens": tokens}
         if setup.is_moe:
             out["aux_loss"] = setup.aux_loss(router_logits, mask_bt)

@@ -53,8 +53,12 @@ def opt_state_shardings(tx: optax.GradientTransformation, abstract_params, param
     """Shardings of the optimizer state: every param-shaped leaf (Adam moments) like its parameter,
     everything else (step counts) replicated. Leaves are matched by their dict-key path, which optax
     state trees share with the params tree (masked-out leaves have no entry at all)."""
-    by_path = {_dict_path(path): (leaf.shape, sharding) for (path, leaf), sharding in zip(
-        jax.tree_util.tree_leaves_with_path(abstract_params), jax.tree.leaves(param_shardings))}
+    by_path = {
+        _dict_path(path): (leaf.shape, sharding)
+        for (path, leaf), sharding in zip(
+            jax.tree_util.tree_leaves_with_path(abstract_params), jax.tree.leaves(param_shardings)
+        )
+    }
 
     def pick(path, leaf):
         match = by_path.get(_dict_path(path))

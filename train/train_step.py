@@ -23,16 +23,22 @@ class TrainState:
 
 def abstract_state(setup, tx) -> TrainState:
     params = setup.abstract_params()
-    return TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
-                      opt_state=jax.eval_shape(tx.init, params),
-                      rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
+    return TrainState(
+        step=jax.ShapeDtypeStruct((), jnp.int32),
+        params=params,
+        opt_state=jax.eval_shape(tx.init, params),
+        rng=jax.ShapeDtypeStruct((2,), jnp.uint32),
+    )
 
 
 def state_shardings(setup, tx, replicated) -> TrainState:
     params = setup.param_shardings()
-    return TrainState(step=replicated, params=params,
-                      opt_state=opt_state_shardings(tx, setup.abstract_params(), params, replicated),
-                      rng=replicated)
+    return TrainState(
+        step=replicated,
+        params=params,
+        opt_state=opt_state_shardings(tx, setup.abstract_params(), params, replicated),
+        rng=replicated,
+    )
 
 
 def new_state(params, tx, seed: int, shardings: TrainState) -> TrainState:
@@ -40,8 +46,9 @@ def new_state(params, tx, seed: int, shardings: TrainState) -> TrainState:
     out_shardings put each moment beside its parameter."""
     opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
     rng = jax.device_put(jax.random.key_data(jax.random.key(seed)), shardings.rng)
-    return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), shardings.step), params=params,
-                      opt_state=opt_state, rng=rng)
+    return TrainState(
+        step=jax.device_put(jnp.zeros((), jnp.int32), shardings.step), params=params, opt_state=opt_state, rng=rng
+    )
 
 
 def make_train_step(objective: Objective, tx: optax.GradientTransformation, schedule, grad_accum_steps: int):
@@ -75,17 +82,24 @@ def make_train_step(objective: Objective, tx: optax.GradientTransformation, sche
                 return (grads_acc, value_acc + value, terms_acc), None
 
             zeros = jax.tree.map(jnp.zeros_like, state.params)
-            terms0 = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
-                                  jax.eval_shape(lambda: objective.terms(state.params, jax.tree.map(
-                                      lambda x: x[0], micro_batches))))
+            terms0 = jax.tree.map(
+                lambda x: jnp.zeros(x.shape, x.dtype),
+                jax.eval_shape(lambda: objective.terms(state.params, jax.tree.map(lambda x: x[0], micro_batches))),
+            )
             (grads, value, terms), _ = jax.lax.scan(
-                accumulate, (zeros, jnp.zeros((), jnp.float32), terms0), (micro_batches, jnp.arange(k)))
+                accumulate, (zeros, jnp.zeros((), jnp.float32), terms0), (micro_batches, jnp.arange(k))
+            )
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": value, "lm_loss": terms["loss_sum"] / jnp.maximum(total_tokens, 1.0),
-                   "tokens": total_tokens, "grad_norm": grad_norm, "learning_rate": schedule(state.step),
-                   "finite": jnp.isfinite(value) & jnp.isfinite(grad_norm)}
+        metrics = {
+            "loss": value,
+            "lm_loss": terms["loss_sum"] / jnp.maximum(total_tokens, 1.0),
+            "tokens": total_tokens,
+            "grad_norm": grad_norm,
+            "learning_rate": schedule(state.step),
+            "finite": jnp.isfinite(value) & jnp.isfinite(grad_norm),
+        }
         if "aux_loss" in terms:
             metrics["aux_loss"] = terms["aux_loss"] / k
             if objective.loss.z_loss_coef:
@@ -114,8 +128,9 @@ def make_eval_step(objective: Objective):
 
 
 def jit_train_step(step_fn, shardings: TrainState, batch_shardings, replicated):
-    return jax.jit(step_fn, in_shardings=(shardings, batch_shardings), out_shardings=(shardings, replicated),
-                   donate_argnums=(0,))
+    return jax.jit(
+        step_fn, in_shardings=(shardings, batch_shardings), out_shardings=(shardings, replicated), donate_argnums=(0,)
+    )
 
 
 def jit_eval_step(eval_fn, param_shardings, batch_shardings, replicated):
