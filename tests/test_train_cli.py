@@ -6,12 +6,15 @@ loss falls within 12 steps; SIGTERM saves and exits 0, and the rerun finishes wi
 an fsdp x tensor mesh gives the data-parallel losses; bad input exits 2 with one line on stderr."""
 
 import json
+import math
 import os
 import signal
 import subprocess
 import sys
 import time
 
+import jax
+import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,7 +43,8 @@ def _command(output_dir, cache_dir, *overrides):
         "total_steps=12",
         "checkpoint_every=5",
         "log_every=1",
-        "eval_every=0",
+        "eval_every=6",
+        "eval_batches=2",
         "seq_len=64",
         "loss.chunk_length=32",
         "progress=false",
@@ -93,16 +97,45 @@ def _start_and_signal(cmd, output_dir, sig, after_step, need_checkpoint=None, ti
 
 
 @pytest.fixture(scope="module")
-def unbroken(tmp_path_factory, cache_dir):
+def unbroken_run(tmp_path_factory, cache_dir):
     output_dir = str(tmp_path_factory.mktemp("unbroken") / "run")
     result = _run(_command(output_dir, cache_dir))
     assert result.returncode == 0, result.stderr[-3000:]
-    return _losses(output_dir)
+    return output_dir
 
 
-def test_loss_falls_within_12_steps(unbroken):
+@pytest.fixture(scope="module")
+def unbroken(unbroken_run):
+    return _losses(unbroken_run)
+
+
+def test_loss_falls_within_12_steps_with_metrics_and_eval(unbroken_run, unbroken):
     assert sorted(unbroken) == list(range(1, 13))
     assert unbroken[12] < unbroken[1] - 1.0, unbroken
+    records = {r["step"]: r for r in _records(unbroken_run)}
+    for record in records.values():
+        assert {"loss", "learning_rate", "grad_norm", "tokens_per_second", "elapsed"} <= set(record)
+    assert {s for s, r in records.items() if "eval_loss" in r} == {6, 12}
+    assert records[12]["eval_loss"] < records[6]["eval_loss"]
+    assert abs(records[12]["eval_perplexity"] - math.exp(records[12]["eval_loss"])) < 1e-3
+    events = os.listdir(os.path.join(unbroken_run, "tensorboard"))
+    assert any(name.startswith("events.out.tfevents") for name in events)
+
+
+def test_checkpoint_loads_for_generation_and_converts_to_hf(unbroken_run, tmp_path):
+    import qwen2_jax
+
+    checkpoints = os.path.join(unbroken_run, "checkpoints")
+    config, params = qwen2_jax.load_checkpoint(checkpoints)
+    assert config.num_hidden_layers == 2 and config.vocab_size == 151936
+    assert len(qwen2_jax.generate(config, params, [[9707, 11, 1879]], 3)[0]) == 3
+    hf_dir = str(tmp_path / "hf")
+    result = _run([sys.executable, "-m", "convert", "orbax-to-hf", checkpoints, hf_dir, "--quiet"])
+    assert result.returncode == 0, result.stderr
+    hf_config, hf_params = qwen2_jax.load_checkpoint(hf_dir)
+    assert hf_config == config
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(hf_params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_sigkill_then_rerun_logs_the_unbroken_losses(tmp_path, cache_dir, unbroken):

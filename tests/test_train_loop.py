@@ -78,6 +78,7 @@ class _StopsAfter(SyntheticData):
         return Wrapped()
 
 
+@pytest.mark.slow
 def test_loss_falls_and_resume_is_identical(tmp_path):
     data = SyntheticData(TINY_MODEL["vocab_size"], SEQ)
     train(_config(tmp_path, name="unbroken"), data=data, log=lambda *_: None)
@@ -137,6 +138,14 @@ def test_fsdp_tensor_mesh_equals_data_parallel(tmp_path):
 def test_remat_policies_give_the_same_step(tmp_path, remat):
     base = _one_step(_config(tmp_path, "mesh.data=8"))
     _assert_same_step(base, _one_step(_config(tmp_path, "mesh.data=8", f"remat={remat}")), rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_bfloat16_compute_with_float32_master_weights(tmp_path):
+    base = _one_step(_config(tmp_path, "mesh.data=8"))
+    mixed = _one_step(_config(tmp_path, "mesh.data=8", "dtype=bfloat16", "param_dtype=float32"))
+    assert all(x.dtype == np.float32 for x in jax.tree.leaves(mixed[1]))
+    np.testing.assert_allclose(float(mixed[0]["loss"]), float(base[0]["loss"]), rtol=2e-2)
 
 
 def test_non_finite_loss_stops_keeping_last_good_checkpoint(tmp_path):

@@ -35,14 +35,14 @@ def write_default_tokenizer(directory: Path) -> Path:
     """Write Qwen2's tokenizer.json + tokenizer_config.json (base-model EOS) into `directory`."""
     # The only import of the library's tokenizer builder in the data code; imported here, not at
     # module level, so that spawned encoding workers do not load JAX through `qwen2_jax`.
-    from qwen2_jax.tokenizer import ENDOFTEXT, write_qwen2_tokenizer
+    from qwen2_jax.tokenizer_build import ENDOFTEXT, write_qwen2_tokenizer
 
     return write_qwen2_tokenizer(directory, eos_token=ENDOFTEXT)
 
 
 def default_tokenizer_fingerprint() -> dict:
     """Identity of the default tokenizer without building it: the hash of the rank file it comes from."""
-    from qwen2_jax.tokenizer import qwen_tiktoken_path
+    from qwen2_jax.tokenizer_build import qwen_tiktoken_path
 
     return {"kind": "qwen2-builtin", "qwen_tiktoken_sha256": _sha256_of(qwen_tiktoken_path())}
 
