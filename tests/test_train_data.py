@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from qwen2_jax.tokenizer import write_qwen2_tokenizer
+from qwen2_jax.tokenizer_build import write_qwen2_tokenizer
 from train.data import (PackedTokenSource, default_corpus_sources, ensure_prepared, make_eval_iterator,
                         make_train_iterator, prepare, prepare_main, read_meta)
 from train.data_corpus import write_stdlib_docs_corpus
