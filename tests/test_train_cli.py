@@ -201,3 +201,24 @@ def test_bad_input_exits_2_with_one_line(tmp_path, cache_dir, overrides, match):
 def test_missing_config_file_exits_2(tmp_path):
     result = _run([sys.executable, "-m", "train", "--config", str(tmp_path / "nope.yaml")], timeout=300)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+@pytest.mark.slow
+def test_tiny_moe_trains_with_expert_parallelism(tmp_path, cache_dir):
+    output_dir = str(tmp_path / "moe")
+    cmd = [sys.executable, "-m", "train", "--config", os.path.join("configs", "train", "tiny-moe-cpu.yaml")]
+    for s in (
+        f"output_dir={output_dir}",
+        f"data.cache_dir={cache_dir}",
+        "total_steps=8",
+        "seq_len=64",
+        "eval_every=0",
+        "progress=false",
+    ):
+        cmd += ["--set", s]
+    result = _run(cmd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "expert=4" in result.stdout
+    records = _records(output_dir)
+    assert len(records) == 8 and all(r["aux_loss"] > 0 for r in records)
+    assert records[-1]["loss"] < records[0]["loss"] - 0.5
