@@ -187,3 +187,17 @@ def test_moe_trains_with_expert_parallelism(tmp_path):
     assert len(aux) == 4 and all(np.isfinite(aux)) and all(a > 0 for a in aux)
     losses = _losses(tmp_path / "run")
     assert losses[-1] < losses[0]
+
+
+def test_params_and_adam_moments_are_sharded_alike(tmp_path):
+    run = build_run(_config(tmp_path, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"))
+    state = new_state(run.setup.init_params(0), run.tx, 0, run.shardings)
+    params = {jax.tree_util.keystr(p): x.sharding for p, x in jax.tree_util.tree_leaves_with_path(state.params)}
+    assert any(not s.is_fully_replicated for s in params.values())
+    moments = 0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(state.opt_state):
+        keys = "".join(str(k) for k in path if isinstance(k, jax.tree_util.DictKey))
+        if keys in params and leaf.ndim:
+            assert leaf.sharding == params[keys], keys
+            moments += 1
+    assert moments == 2 * len(params)  # mu and nu of every parameter
