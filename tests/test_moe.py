@@ -10,9 +10,10 @@ import qwen2_jax
 from hf_utils import hf_logits, make_hf_model, rel_err
 from qwen2_jax.forward import forward_outputs
 from qwen2_jax.moe import aux_loss, moe_loss, router_z_loss
+from tolerances import AUX_ATOL, BATCH_REL, LOSS_RTOL, PARITY_REL
 
-TOL = 1e-5  # the bar is 1e-4
-AUX_TOL = 1e-6
+TOL = PARITY_REL  # measured noise floor x margin: tests/tolerances.py (the bar was 1e-4)
+AUX_TOL = AUX_ATOL
 SEQ = 14
 
 CASES = {
@@ -119,6 +120,7 @@ def test_logits_router_logits_and_aux_loss_match_hf(case):
     ref = _hf_outputs(model, ids, mask)
     k = config.num_experts_per_tok
     for layer_logits in ref.router_logits:
+        # smallest gap measured: 2.3e-3 (k3-norm-step2); router-logit noise is ~1e-6 relative
         assert _min_topk_gap(layer_logits, k, mask) > 1e-3, f"{name}: router not decisive, parity would be luck"
     out = forward_outputs(config, params, ids, mask, output_router_logits=True)
     real = mask.astype(bool)
@@ -134,7 +136,7 @@ def test_logits_router_logits_and_aux_loss_match_hf(case):
     assert abs(ours_aux - float(ref.aux_loss)) < AUX_TOL, (name, ours_aux, float(ref.aux_loss))
     # training adds router_aux_loss_coef * aux; HF's loss with labels does the same
     np.testing.assert_allclose(float(moe_loss(config, out["router_logits"], mask)),
-                               config.router_aux_loss_coef * float(ref.aux_loss), rtol=1e-5)
+                               config.router_aux_loss_coef * float(ref.aux_loss), rtol=LOSS_RTOL)
     z = float(router_z_loss(out["router_logits"], mask))
     assert np.isfinite(z) and z > 0
 
@@ -158,7 +160,7 @@ def test_padding_never_changes_real_tokens(name, tmp_path_factory):
     for row in (1, 2):
         real = mask[row].astype(bool)
         alone = np.asarray(qwen2_jax.forward(config, params, ids[row:row + 1, real]))[0]
-        np.testing.assert_allclose(padded[row, real], alone, rtol=0, atol=1e-5 * np.abs(alone).max())
+        np.testing.assert_allclose(padded[row, real], alone, rtol=0, atol=BATCH_REL * np.abs(alone).max())
 
 
 @pytest.mark.parametrize("name", _some_slow({"k4-mlp-only"}))

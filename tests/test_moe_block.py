@@ -11,6 +11,8 @@ from qwen2_jax.config import Qwen2Config, preset
 from qwen2_jax.options import RunOptions
 from qwen2_jax.moe import SparseMoeBlock, grouped_ffn, local_experts, route
 from qwen2_jax.sharding import ShardingContext, make_mesh
+from tolerances import (BF16_MOE_MEDIAN_REL, BLOCK_GRAD_REL, EXPERT_PARALLEL_REL, EXPERTS_F64_REL,
+                        GROUPED_FFN_TOL)
 
 CFG = Qwen2Config(model_type="qwen2_moe", vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                   num_attention_heads=4, num_key_value_heads=2, num_experts=8, num_experts_per_tok=3,
@@ -65,7 +67,7 @@ def test_grouped_paths_equal_per_expert_loop(impl, routing):
     wg, wu, wd = _weights(num_experts)
     ours = jax.jit(lambda *a: local_experts(*a, impl=impl))(x, weights, idx, wg, wu, wd)
     ref = per_expert_loop(x, weights, idx, wg, wu, wd)
-    np.testing.assert_allclose(np.asarray(ours), ref, rtol=0, atol=2e-5 * np.abs(ref).max())
+    np.testing.assert_allclose(np.asarray(ours), ref, rtol=0, atol=EXPERTS_F64_REL * np.abs(ref).max())
 
 
 def test_grouped_ffn_zeroes_rows_past_the_groups():
@@ -76,7 +78,7 @@ def test_grouped_ffn_zeroes_rows_past_the_groups():
         y = np.asarray(jax.jit(grouped_ffn, static_argnums=5)(x, sizes, wg, wu, wd, impl))
         assert np.all(y[10:] == 0), impl
         np.testing.assert_allclose(y[3:8], np.asarray(jax.nn.silu(x[3:8] @ wg[2]) * (x[3:8] @ wu[2]) @ wd[2]),
-                                   rtol=1e-5, atol=1e-5)
+                                   rtol=GROUPED_FFN_TOL, atol=GROUPED_FFN_TOL)
 
 
 @jax.jit
@@ -135,7 +137,8 @@ def test_expert_parallel_equals_one_device(name):
     for xx, rr in ((x, ref), (x[:1], ref[:1])):
         out, logits = run(params, xx)
         scale = float(jnp.abs(rr).max())
-        np.testing.assert_allclose(np.asarray(out), np.asarray(rr), rtol=0, atol=1e-6 * scale)
+        np.testing.assert_allclose(np.asarray(out), np.asarray(rr), rtol=0, atol=EXPERT_PARALLEL_REL * scale)
+    # router logits: measured bit-identical on every ISA; 1e-6 is a few float32 ulps
     np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits[:1]), rtol=1e-6, atol=1e-6)
 
 
@@ -156,7 +159,8 @@ def test_gradients_equal_across_paths():
         got = loss(block)(params, x)
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
             assert np.all(np.isfinite(np.asarray(a)))
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5 * float(jnp.abs(b).max()))
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0,
+                                       atol=BLOCK_GRAD_REL * float(jnp.abs(b).max()))
 
 
 @pytest.mark.parametrize("name,experts,top_k,moe,shared,hidden", [
@@ -185,4 +189,4 @@ def test_bfloat16_paths_run_and_agree():
         assert out.dtype == jnp.bfloat16 and logits.dtype == jnp.bfloat16
         # bf16 rounding can flip a near-tied expert choice for a token or two; the bulk must agree
         err = np.abs(np.asarray(out, np.float32) - np.asarray(ref))
-        assert np.median(err) < 2e-2 * scale, impl
+        assert np.median(err) < BF16_MOE_MEDIAN_REL * scale, impl
