@@ -47,14 +47,20 @@ def main():
         "q bias missing": lambda c, p: (c, edit(p, attn + ("q_bias",), lambda x: 0 * x)),
         "v bias missing": lambda c, p: (c, edit(p, attn + ("v_bias",), lambda x: 0 * x)),
         "final norm weight not applied": lambda c, p: (c, edit(p, ("norm", "scale"), lambda x: 0 * x + 1)),
-        "softmax scale 1% off (q * 1.01)": lambda c, p: (c, edit(edit(p, attn + ("q_kernel",), lambda x: 1.01 * x),
-                                                                 attn + ("q_bias",), lambda x: 1.01 * x)),
+        "softmax scale 1% off (q * 1.01)": lambda c, p: (
+            c,
+            edit(edit(p, attn + ("q_kernel",), lambda x: 1.01 * x), attn + ("q_bias",), lambda x: 1.01 * x),
+        ),
         "rope_theta 1% off": lambda c, p: (c.replace(rope_theta=c.rope_theta * 1.01), p),
         "rms_norm_eps 1e-5 for 1e-6": lambda c, p: (c.replace(rms_norm_eps=1e-5), p),
-        "lm_head weights * (1 + 1e-3)": lambda c, p: (c, edit(p, ("embed_tokens",) if c.tie_word_embeddings
-                                                              else ("lm_head",), lambda x: x * (1 + 1e-3))),
-        "lm_head weights * (1 + 1e-4)": lambda c, p: (c, edit(p, ("embed_tokens",) if c.tie_word_embeddings
-                                                              else ("lm_head",), lambda x: x * (1 + 1e-4))),
+        "lm_head weights * (1 + 1e-3)": lambda c, p: (
+            c,
+            edit(p, ("embed_tokens",) if c.tie_word_embeddings else ("lm_head",), lambda x: x * (1 + 1e-3)),
+        ),
+        "lm_head weights * (1 + 1e-4)": lambda c, p: (
+            c,
+            edit(p, ("embed_tokens",) if c.tie_word_embeddings else ("lm_head",), lambda x: x * (1 + 1e-4)),
+        ),
     }
     print(f"{'case':12s} {'bug':34s} {'metric':>9s} {'tolerance':>9s}  caught")
     for name in args.cases.split(","):
@@ -66,8 +72,10 @@ def main():
         real = mask.astype(bool)
         ref = hf_logits(model, ids, mask)
         base = rel_err(np.asarray(qwen2_jax.forward(config, params, ids, mask))[real], ref[real])
-        print(f"{name:12s} {'(none: the real model)':34s} {base:9.2e} {tol.PARITY_REL:9.1e}  "
-              f"{'YES: tolerance too tight' if base >= tol.PARITY_REL else 'no (right)'}")
+        print(
+            f"{name:12s} {'(none: the real model)':34s} {base:9.2e} {tol.PARITY_REL:9.1e}  "
+            f"{'YES: tolerance too tight' if base >= tol.PARITY_REL else 'no (right)'}"
+        )
         for bug, apply in bugs.items():
             c, p = apply(config, params)
             err = rel_err(np.asarray(qwen2_jax.forward(c, p, ids, mask))[real], ref[real])
@@ -75,11 +83,13 @@ def main():
         # padding bug: the padded row's padding treated as real tokens (attended, and shifting positions)
         row = 1
         keep = mask[row].astype(bool)
-        alone = np.asarray(qwen2_jax.forward(config, params, ids[row:row + 1, keep]))[0]
-        leaky = np.asarray(qwen2_jax.forward(config, params, ids[row:row + 1]))[0][keep]
+        alone = np.asarray(qwen2_jax.forward(config, params, ids[row : row + 1, keep]))[0]
+        leaky = np.asarray(qwen2_jax.forward(config, params, ids[row : row + 1]))[0][keep]
         err = float(np.abs(leaky - alone).max() / np.abs(alone).max())
-        print(f"{name:12s} {'padding visible to real tokens':34s} {err:9.2e} {tol.BATCH_REL:9.1e}  "
-              f"{'yes' if err >= tol.BATCH_REL else 'NO'}")
+        print(
+            f"{name:12s} {'padding visible to real tokens':34s} {err:9.2e} {tol.BATCH_REL:9.1e}  "
+            f"{'yes' if err >= tol.BATCH_REL else 'NO'}"
+        )
 
 
 if __name__ == "__main__":

@@ -113,14 +113,16 @@ def measure(case_names):
         dynamic = config.rope_scaling.rope_type == "dynamic"
         for row in range(ids.shape[0]):
             real = mask[row].astype(bool)
-            alone_ids = ids[row:row + 1, real]
+            alone_ids = ids[row : row + 1, real]
             ours_1, hf_1 = ours(alone_ids), hf(model, alone_ids)
             for layer in range(n):
-                vals = {"hf/64": _rel(hf_b[layer][row, real], hf_64[layer][row, real]),
-                        "ours/64": _rel(ours_b[layer][row, real], hf_64[layer][row, real]),
-                        "ours/hf": _rel(ours_b[layer][row, real], hf_b[layer][row, real]),
-                        "hf loc": _rel(hf_b[layer][row, real], hf_loc[layer][row, real]),
-                        "ours loc": _rel(ours_b[layer][row, real], ours_loc[layer][row, real])}
+                vals = {
+                    "hf/64": _rel(hf_b[layer][row, real], hf_64[layer][row, real]),
+                    "ours/64": _rel(ours_b[layer][row, real], hf_64[layer][row, real]),
+                    "ours/hf": _rel(ours_b[layer][row, real], hf_b[layer][row, real]),
+                    "hf loc": _rel(hf_b[layer][row, real], hf_loc[layer][row, real]),
+                    "ours loc": _rel(ours_b[layer][row, real], ours_loc[layer][row, real]),
+                }
                 if not dynamic:  # dynamic NTK depends on the batch's longest row: not batch-invariant
                     vals["hf b/1"] = _rel(hf_b[layer][row, real], hf_1[layer][0])
                     vals["ours b/1"] = _rel(ours_b[layer][row, real], ours_1[layer][0])
@@ -149,9 +151,16 @@ def main():
     table = {}
     for isa in args.isas.split(","):
         env = dict(os.environ, JAX_PLATFORMS="cpu")
-        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + ("" if isa == "default" else f" --xla_cpu_max_isa={isa}")).strip()
-        out = subprocess.run([sys.executable, __file__, "--child", "--cases", args.cases], env=env, check=True,
-                             capture_output=True, text=True).stdout
+        env["XLA_FLAGS"] = (
+            env.get("XLA_FLAGS", "") + ("" if isa == "default" else f" --xla_cpu_max_isa={isa}")
+        ).strip()
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", "--cases", args.cases],
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
         table[isa] = json.loads(out.strip().splitlines()[-1])
     for name in args.cases.split(","):
         print(f"\n== {name}: worst row's max|a-b|/max|b|   (h0 = embeddings, hL = after final norm)")
@@ -166,8 +175,11 @@ def main():
                 hf_bs = per["hf b/1"][i]
                 ratio = per["ours b/1"][i] / hf_bs if hf_bs > 0 else float("nan")
                 loc = per["ours loc"][i] / per["hf loc"][i] if per["hf loc"][i] > 0 else float("nan")
-                print(f"{isa:8s} {where:7s} " + " ".join(f"{per[m][i]:9.2e}" for m in METRICS)
-                      + f"   {ratio:9.2f}  {loc:9.2f}")
+                print(
+                    f"{isa:8s} {where:7s} "
+                    + " ".join(f"{per[m][i]:9.2e}" for m in METRICS)
+                    + f"   {ratio:9.2f}  {loc:9.2f}"
+                )
 
 
 if __name__ == "__main__":

@@ -43,11 +43,16 @@ def _compared_with(frame, func_name):
     except SyntaxError:
         return None
     for node in ast.walk(tree):
-        if (isinstance(node, ast.Compare) and isinstance(node.left, ast.Call)
-                and getattr(node.left.func, "id", None) == func_name and isinstance(node.ops[0], (ast.Lt, ast.LtE))):
+        if (
+            isinstance(node, ast.Compare)
+            and isinstance(node.left, ast.Call)
+            and getattr(node.left.func, "id", None) == func_name
+            and isinstance(node.ops[0], (ast.Lt, ast.LtE))
+        ):
             try:
-                return float(eval(compile(ast.Expression(node.comparators[0]), "<tol>", "eval"),
-                                  frame.f_globals, frame.f_locals))
+                return float(
+                    eval(compile(ast.Expression(node.comparators[0]), "<tol>", "eval"), frame.f_globals, frame.f_locals)
+                )
             except Exception:
                 return None
     return None
@@ -65,8 +70,7 @@ def _install():
         site, test = _site(frame)
         if site.startswith("tests/"):
             tol = _compared_with(frame, "rel_err")
-            _write(dict(site=site, test=test, kind="rel_err", value=value, tol=tol,
-                        used=value / tol if tol else None))
+            _write(dict(site=site, test=test, kind="rel_err", value=value, tol=tol, used=value / tol if tol else None))
         return value
 
     hf_utils.rel_err = rel_err
@@ -83,9 +87,18 @@ def _install():
                 diff = np.abs(a - b)
                 allowed = atol + rtol * np.abs(b)
                 used = float(np.max(diff / np.maximum(allowed, 1e-300))) if diff.size else 0.0
-                _write(dict(site=site, test=test, kind="allclose", value=float(diff.max()) if diff.size else 0.0,
-                            tol=float(np.max(allowed)) if np.size(allowed) else None, used=used,
-                            rtol=float(rtol), atol=float(atol)))
+                _write(
+                    dict(
+                        site=site,
+                        test=test,
+                        kind="allclose",
+                        value=float(diff.max()) if diff.size else 0.0,
+                        tol=float(np.max(allowed)) if np.size(allowed) else None,
+                        used=used,
+                        rtol=float(rtol),
+                        atol=float(atol),
+                    )
+                )
             except Exception as e:  # never let the recorder change an outcome
                 _write(dict(site=site, test=test, kind="allclose", error=repr(e)))
         return real_allclose(actual, desired, rtol, atol, *args, **kwargs)

@@ -22,9 +22,16 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ISAS = ("default", "SSE4_2", "AVX", "AVX2", "AVX512")
-NUMERICS = ["tests/test_parity_dense.py", "tests/test_moe.py", "tests/test_moe_block.py", "tests/test_sharding.py",
-            "tests/test_generate.py", "tests/test_train_loss.py", "tests/test_model_options.py",
-            "tests/test_convert.py"]
+NUMERICS = [
+    "tests/test_parity_dense.py",
+    "tests/test_moe.py",
+    "tests/test_moe_block.py",
+    "tests/test_sharding.py",
+    "tests/test_generate.py",
+    "tests/test_train_loss.py",
+    "tests/test_model_options.py",
+    "tests/test_convert.py",
+]
 
 
 def run(isa, tests, marker, log):
@@ -32,8 +39,13 @@ def run(isa, tests, marker, log):
     if isa != "default":
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_cpu_max_isa={isa}").strip()
     start = time.time()
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "noise_plugin", "-m", marker,
-                           "-p", "no:cacheprovider", *tests], cwd=ROOT, env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "noise_plugin", "-m", marker, "-p", "no:cacheprovider", *tests],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-500:]
     print(f"# {isa:8s} exit {proc.returncode}  {time.time() - start:6.0f}s  {summary}", flush=True)
     if proc.returncode:

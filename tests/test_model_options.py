@@ -7,15 +7,24 @@ import numpy as np
 import qwen2_jax
 from qwen2_jax.config import Qwen2Config
 from qwen2_jax.forward import forward_outputs
+from qwen2_jax.hf_keys import hf_table, leaf_shapes
 from qwen2_jax.layouts import relayout
 from qwen2_jax.options import RunOptions
-from qwen2_jax.hf_keys import hf_table, leaf_shapes
 from qwen2_jax.params import abstract_params, init_params, param_logical_axes
 from qwen2_jax.sharding import make_mesh
 from tolerances import BATCH_REL, BF16_COMPUTE_REL, FLOAT16_XFAIL, FP16_PARAMS_REL, GRAD_REL, LOSS_RTOL
 
-TINY = Qwen2Config(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
-                   num_key_value_heads=2, use_sliding_window=True, sliding_window=3, max_window_layers=1)
+TINY = Qwen2Config(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    use_sliding_window=True,
+    sliding_window=3,
+    max_window_layers=1,
+)
 
 
 def test_unrolled_layers_equal_scanned():
@@ -38,8 +47,9 @@ def test_compute_dtype_is_a_runtime_option():
 def test_name_table_covers_every_parameter_with_matching_shapes():
     for cfg in (TINY, TINY.replace(tie_word_embeddings=True)):
         abstract = abstract_params(cfg)
-        model_leaves = {tuple(k.key for k in path): leaf.shape
-                        for path, leaf in jax.tree_util.tree_leaves_with_path(abstract)}
+        model_leaves = {
+            tuple(k.key for k in path): leaf.shape for path, leaf in jax.tree_util.tree_leaves_with_path(abstract)
+        }
         assert model_leaves == leaf_shapes(cfg)
         keys = [e.hf_key for e in hf_table(cfg)]
         assert len(keys) == len(set(keys))
@@ -88,8 +98,14 @@ def test_float16_parameters_generate_on_cpu():
 def test_every_layout_runs_the_same_forward_pass():
     """One forward pass, layouts as options: per-layer params and [out, in] kernels give the stacked
     checkpoint layout's logits, for dense and MoE (mixed dense / sparse segments) models."""
-    moe = TINY.replace(model_type="qwen2_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
-                       shared_expert_intermediate_size=24, mlp_only_layers=(1,))
+    moe = TINY.replace(
+        model_type="qwen2_moe",
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=24,
+        mlp_only_layers=(1,),
+    )
     for cfg in (TINY, moe):
         params = init_params(cfg, jax.random.key(5))
         ids = np.random.RandomState(5).randint(0, 96, (2, 9))
@@ -121,7 +137,9 @@ def test_remat_policies_keep_loss_and_gradients():
     for remat in ("dots", "full"):
         assert abs(results[remat][0] - results["none"][0]) <= LOSS_RTOL * abs(results["none"][0])
         for a, b in zip(jax.tree.leaves(results[remat][1]), jax.tree.leaves(results["none"][1])):
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=GRAD_REL * np.abs(np.asarray(b)).max())
+            np.testing.assert_allclose(
+                np.asarray(a), np.asarray(b), rtol=0, atol=GRAD_REL * np.abs(np.asarray(b)).max()
+            )
 
 
 def test_run_options_refuse_unknown_choices():

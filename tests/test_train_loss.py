@@ -8,10 +8,10 @@ import torch
 import qwen2_jax
 from hf_utils import hf_dense_config, make_hf_model, rel_err
 from qwen2_jax.hf_keys import hf_table
-from test_moe import _batch as moe_batch, hf_moe_config, make_hf_moe
+from test_moe import _batch as moe_batch
+from test_moe import hf_moe_config, make_hf_moe
 from tolerances import AUX_ATOL, GRAD_REL, LOSS_RTOL, SHARDED_REL
 from train.loss import IGNORE_INDEX, causal_lm_loss
-
 
 
 def _batch(vocab, seed=0):
@@ -90,8 +90,7 @@ def test_all_labels_ignored_gives_zero_not_nan(dense):
     _, path = dense
     config, params = qwen2_jax.load_checkpoint(path)
     ids, mask, _ = _batch(config.vocab_size)
-    (loss, metrics), grads = causal_lm_loss(config, params, ids, mask, np.full_like(ids, IGNORE_INDEX),
-                                            with_grad=True)
+    (loss, metrics), grads = causal_lm_loss(config, params, ids, mask, np.full_like(ids, IGNORE_INDEX), with_grad=True)
     assert float(loss) == 0.0 and float(metrics["tokens"]) == 0.0
     assert all(np.all(np.isfinite(np.asarray(g))) for g in __import__("jax").tree.leaves(grads))
 
@@ -124,11 +123,16 @@ def test_loss_and_gradients_on_a_mesh_equal_one_device(dense):
         assert rel_err(a, b) < SHARDED_REL
 
 
-@pytest.mark.parametrize("overrides", [
-    dict(num_experts_per_tok=2),
-    pytest.param(dict(num_experts_per_tok=3, norm_topk_prob=True, decoder_sparse_step=2, num_hidden_layers=4),
-                 marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(num_experts_per_tok=2),
+        pytest.param(
+            dict(num_experts_per_tok=3, norm_topk_prob=True, decoder_sparse_step=2, num_hidden_layers=4),
+            marks=pytest.mark.slow,
+        ),
+    ],
+)
 def test_moe_loss_is_hf_loss_with_aux(overrides, tmp_path):
     """HF adds router_aux_loss_coef * aux (padding excluded) to the LM loss; so do we. z-loss is opt-in."""
     hf_cfg = hf_moe_config(router_aux_loss_coef=0.05, **overrides)

@@ -6,8 +6,8 @@ under XLA_FLAGS=--xla_cpu_max_isa= SSE4_2, AVX, AVX2, AVX512 and the machine's d
 AVX512 pick the same kernels here), and again (XLA default and SSE4_2) with torch's kernels capped by
 ATEN_CPU_CAPABILITY=avx2 and =default. The latter also changes the test models themselves: torch's
 normal_() draws other numbers without AVX2, so that run measures other random weights too. "worst"
-below is the largest value over all those runs and every parametrization; margin = tolerance / worst. Margins are 3-10x: enough for kernels a machine we did
-not measure may pick, small enough that real bugs fail (bench/broken_models.py on gqa7, mha-untied,
+below is the largest value over all those runs and every parametrization; margin = tolerance / worst.
+Margins are 3-10x: enough for kernels a machine we did not measure may pick, small enough that real bugs fail (bench/broken_models.py on gqa7, mha-untied,
 sliding: a missing q or v bias, the final norm weight not applied, padding leaking into real tokens
 exceed PARITY_REL / BATCH_REL by >10000x, a 1% softmax-scale or RoPE-base error by >160x,
 rms_norm_eps 1e-5 instead of 1e-6 by >13x, and a 1e-4 relative error in the LM head's weights by 3.3x).
@@ -111,6 +111,7 @@ BF16_KL_RATIO = 2.0
 
 # --- what an ISA cap changes besides rounding ----------------------------------------------------------
 
+
 def xla_cpu_converts_float16() -> bool:
     """Whether XLA:CPU can compile a float16 <-> float32 conversion here.
 
@@ -134,6 +135,10 @@ def __getattr__(name):
         import jax
         import pytest
 
-        return pytest.mark.xfail(not xla_cpu_converts_float16(), raises=jax.errors.JaxRuntimeError, strict=True,
-                                 reason="XLA:CPU without F16C cannot compile float16 casts (openxla/xla#6787)")
+        return pytest.mark.xfail(
+            not xla_cpu_converts_float16(),
+            raises=jax.errors.JaxRuntimeError,
+            strict=True,
+            reason="XLA:CPU without F16C cannot compile float16 casts (openxla/xla#6787)",
+        )
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
