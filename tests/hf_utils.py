@@ -21,9 +21,18 @@ def randomize_all(model, seed: int = 0, scale: float = 0.2):
 def hf_dense_config(**overrides):
     from transformers import Qwen2Config as HFQwen2Config
 
-    base = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                rms_norm_eps=1e-6, tie_word_embeddings=False, rope_theta=10000.0)
+    base = dict(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        rope_theta=10000.0,
+    )
     rope = overrides.pop("rope_scaling", None)
     base.update(overrides)
     theta = base.pop("rope_theta")

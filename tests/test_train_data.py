@@ -15,16 +15,26 @@ import pytest
 from tokenizers import Tokenizer
 
 from qwen2_jax.tokenizer_build import write_qwen2_tokenizer
-from train.data import (PackedTokenSource, default_corpus_sources, ensure_prepared, make_eval_iterator,
-                        make_train_iterator, prepare, prepare_main, read_meta)
+from train.data import (
+    PackedTokenSource,
+    default_corpus_sources,
+    ensure_prepared,
+    make_eval_iterator,
+    make_train_iterator,
+    prepare,
+    prepare_main,
+    read_meta,
+)
 from train.data_corpus import write_stdlib_docs_corpus
 from train.data_prepare import held_out_rows
 from train.data_sources import iter_pieces
 
 EOS = 151643  # Qwen2's <|endoftext|>, spelled out so a wrong constant in the code cannot agree with itself
 SEQ_LEN = 16
-WORDS = ("the model reads every token of a document and learns which word comes next; numbers like 1984 "
-         "and 3.14 split into digits, while naïve café résumé keep their accents — 東京 and Zürich too").split()
+WORDS = (
+    "the model reads every token of a document and learns which word comes next; numbers like 1984 "
+    "and 3.14 split into digits, while naïve café résumé keep their accents — 東京 and Zürich too"
+).split()
 
 
 def _document(rng: random.Random) -> str:
@@ -68,8 +78,16 @@ def corpus(tmp_path_factory) -> tuple[list[Path], list[str]]:
 @pytest.fixture(scope="session")
 def prepared(corpus, tok_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("prepared") / "data"
-    prepare(corpus[0], out, seq_len=SEQ_LEN, eval_sequences=5, tokenizer_dir=tok_dir, num_workers=1,
-            progress=False, sequences_per_shard=16)
+    prepare(
+        corpus[0],
+        out,
+        seq_len=SEQ_LEN,
+        eval_sequences=5,
+        tokenizer_dir=tok_dir,
+        num_workers=1,
+        progress=False,
+        sequences_per_shard=16,
+    )
     return out
 
 
@@ -100,10 +118,10 @@ def test_packed_stream_is_documents_joined_by_eos(prepared, corpus, reference_to
     stream = _stream_rows(prepared).reshape(-1)
     assert meta["tokens"] == len(expected) and meta["documents"] == len(corpus[1])
     assert meta["tokens_dropped"] == len(expected) % SEQ_LEN < SEQ_LEN
-    np.testing.assert_array_equal(stream, expected[:len(stream)])
+    np.testing.assert_array_equal(stream, expected[: len(stream)])
     # Decoding the stream gives the documents back, separated by <|endoftext|>.
     decoded = reference_tokenizer.decode(stream.tolist(), skip_special_tokens=False).split("<|endoftext|>")
-    assert decoded[:-1] == corpus[1][:len(decoded) - 1]
+    assert decoded[:-1] == corpus[1][: len(decoded) - 1]
     assert meta["eos_token_id"] == EOS and meta["seq_len"] == SEQ_LEN
     assert meta["splits"]["eval"]["sequences"] == 5
     assert len(meta["splits"]["train"]["shards"]) > 1  # sequences_per_shard=16 spreads the rows
@@ -143,15 +161,31 @@ def test_text_file_pieces_encode_like_the_whole_text(tmp_path, reference_tokeniz
 def test_special_token_text_is_not_a_separator(tmp_path, tok_dir):
     path = tmp_path / "a.jsonl"
     path.write_text(json.dumps({"body": "one <|endoftext|> two <|im_start|> " * 8}) + "\n", encoding="utf-8")
-    meta = prepare([path], tmp_path / "out", seq_len=4, eval_sequences=1, text_key="body", tokenizer_dir=tok_dir,
-                   num_workers=1, progress=False)
+    meta = prepare(
+        [path],
+        tmp_path / "out",
+        seq_len=4,
+        eval_sequences=1,
+        text_key="body",
+        tokenizer_dir=tok_dir,
+        num_workers=1,
+        progress=False,
+    )
     stream = _stream_rows(tmp_path / "out").reshape(-1)
     assert meta["documents"] == 1 and EOS not in stream[:-1] and 151644 not in stream
 
 
 def test_worker_processes_give_the_same_shards(corpus, tok_dir, prepared, tmp_path):
-    prepare(corpus[0], tmp_path / "parallel", seq_len=SEQ_LEN, eval_sequences=5, tokenizer_dir=tok_dir,
-            num_workers=2, progress=False, sequences_per_shard=16)
+    prepare(
+        corpus[0],
+        tmp_path / "parallel",
+        seq_len=SEQ_LEN,
+        eval_sequences=5,
+        tokenizer_dir=tok_dir,
+        num_workers=2,
+        progress=False,
+        sequences_per_shard=16,
+    )
     assert read_meta(tmp_path / "parallel")["splits"] == read_meta(prepared)["splits"]
 
 
@@ -174,24 +208,39 @@ def test_empty_corpus(tmp_path, tok_dir):
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "empty.jsonl").write_text('{"text": ""}\n\n')
     with pytest.raises(ValueError, match="no text"):
-        prepare([tmp_path / "empty.txt", tmp_path / "empty.jsonl"], tmp_path / "out", seq_len=8,
-                tokenizer_dir=tok_dir, num_workers=1, progress=False)
+        prepare(
+            [tmp_path / "empty.txt", tmp_path / "empty.jsonl"],
+            tmp_path / "out",
+            seq_len=8,
+            tokenizer_dir=tok_dir,
+            num_workers=1,
+            progress=False,
+        )
     assert not (tmp_path / "out").exists()
 
 
 def test_seq_len_too_large_for_the_corpus(tmp_path, tok_dir):
     (tmp_path / "small.txt").write_text("A short document.")
     with pytest.raises(ValueError, match="too few for two sequences of seq_len 4096"):
-        prepare([tmp_path / "small.txt"], tmp_path / "out", seq_len=4096, tokenizer_dir=tok_dir, num_workers=1,
-                progress=False)
+        prepare(
+            [tmp_path / "small.txt"],
+            tmp_path / "out",
+            seq_len=4096,
+            tokenizer_dir=tok_dir,
+            num_workers=1,
+            progress=False,
+        )
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"seq_len": 1}, "seq_len must be an integer >= 2"),
-    ({"seq_len": 8, "eval_fraction": 1.5}, "eval_fraction must be between 0 and 1"),
-    ({"seq_len": 8, "eval_sequences": 0}, "eval_sequences must be an integer >= 1"),
-    ({"seq_len": 8, "num_workers": 0}, "num_workers must be an integer >= 1"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"seq_len": 1}, "seq_len must be an integer >= 2"),
+        ({"seq_len": 8, "eval_fraction": 1.5}, "eval_fraction must be between 0 and 1"),
+        ({"seq_len": 8, "eval_sequences": 0}, "eval_sequences must be an integer >= 1"),
+        ({"seq_len": 8, "num_workers": 0}, "num_workers must be an integer >= 1"),
+    ],
+)
 def test_bad_options(corpus, tok_dir, tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
         prepare(corpus[0], tmp_path / "out", tokenizer_dir=tok_dir, **kwargs)
@@ -218,8 +267,9 @@ def test_failed_prepare_leaves_nothing_and_keeps_the_previous_directory(corpus, 
     with pytest.raises(FileExistsError, match="already exists"):
         prepare(corpus[0], tmp_path / "out", seq_len=8, tokenizer_dir=tok_dir, num_workers=1, progress=False)
     with pytest.raises(ValueError, match="not valid JSON"):
-        prepare([bad], tmp_path / "out", seq_len=8, tokenizer_dir=tok_dir, num_workers=1, progress=False,
-                overwrite=True)
+        prepare(
+            [bad], tmp_path / "out", seq_len=8, tokenizer_dir=tok_dir, num_workers=1, progress=False, overwrite=True
+        )
     assert read_meta(tmp_path / "out") == good
     assert sorted(p.name for p in tmp_path.iterdir()) == ["late-error.jsonl", "out"]
 
@@ -310,8 +360,12 @@ def test_every_epoch_is_a_new_permutation_of_all_rows(prepared):
 @pytest.mark.parametrize("process_count", [2, 4])
 def test_process_local_batches_concatenate_to_the_global_batch(prepared, process_count):
     whole = _take(make_train_iterator(prepared, global_batch_size=8, seed=1, process_index=0, process_count=1), 12)
-    parts = [_take(make_train_iterator(prepared, global_batch_size=8, seed=1, process_index=p,
-                                       process_count=process_count), 12) for p in range(process_count)]
+    parts = [
+        _take(
+            make_train_iterator(prepared, global_batch_size=8, seed=1, process_index=p, process_count=process_count), 12
+        )
+        for p in range(process_count)
+    ]
     for step in range(12):
         assert parts[0][step].shape == (8 // process_count, SEQ_LEN)
         np.testing.assert_array_equal(np.concatenate([part[step] for part in parts]), whole[step])
@@ -322,14 +376,14 @@ def test_exact_resume_from_saved_state(prepared, where):
     n = len(PackedTokenSource(prepared))
     steps_before = 3 if where == "mid-epoch" else n // 8 + 1
     assert (steps_before * 8 < n) == (where == "mid-epoch")
-    unbroken = _take(make_train_iterator(prepared, global_batch_size=8, seed=5, process_index=0, process_count=1),
-                     steps_before + 6)
+    unbroken = _take(
+        make_train_iterator(prepared, global_batch_size=8, seed=5, process_index=0, process_count=1), steps_before + 6
+    )
     first = make_train_iterator(prepared, global_batch_size=8, seed=5, process_index=0, process_count=1)
     _take(first, steps_before)
     state = json.loads(json.dumps(first.get_state()))
     assert state["next_sample"] == steps_before * 8
-    resumed = make_train_iterator(prepared, global_batch_size=8, seed=5, process_index=0, process_count=1,
-                                  state=state)
+    resumed = make_train_iterator(prepared, global_batch_size=8, seed=5, process_index=0, process_count=1, state=state)
     np.testing.assert_array_equal(np.stack(_take(resumed, 6)), np.stack(unbroken[steps_before:]))
     # set_state also rewinds an iterator that has run ahead
     _take(first, 4)
@@ -338,21 +392,24 @@ def test_exact_resume_from_saved_state(prepared, where):
 
 
 def test_elastic_resume_with_another_process_count_and_batch_size(prepared):
-    unbroken = np.concatenate(_take(make_train_iterator(prepared, global_batch_size=8, seed=2, process_index=0,
-                                                        process_count=1), 20))
-    two = [make_train_iterator(prepared, global_batch_size=8, seed=2, process_index=p, process_count=2)
-           for p in range(2)]
+    unbroken = np.concatenate(
+        _take(make_train_iterator(prepared, global_batch_size=8, seed=2, process_index=0, process_count=1), 20)
+    )
+    two = [
+        make_train_iterator(prepared, global_batch_size=8, seed=2, process_index=p, process_count=2) for p in range(2)
+    ]
     for iterator in two:
         _take(iterator, 5)
     states = [iterator.get_state() for iterator in two]
     assert states[0] == states[1]  # one state for all processes
 
-    one = make_train_iterator(prepared, global_batch_size=8, seed=2, process_index=0, process_count=1,
-                              state=states[0])
+    one = make_train_iterator(prepared, global_batch_size=8, seed=2, process_index=0, process_count=1, state=states[0])
     np.testing.assert_array_equal(np.concatenate(_take(one, 4)), unbroken[40:72])
     # 4 processes with a global batch of 12 continue from the same global sample
-    four = [make_train_iterator(prepared, global_batch_size=12, seed=2, process_index=p, process_count=4,
-                                state=states[0]) for p in range(4)]
+    four = [
+        make_train_iterator(prepared, global_batch_size=12, seed=2, process_index=p, process_count=4, state=states[0])
+        for p in range(4)
+    ]
     steps = [_take(iterator, 3) for iterator in four]
     glued = np.concatenate([np.concatenate([steps[p][k] for p in range(4)]) for k in range(3)])
     np.testing.assert_array_equal(glued, unbroken[40:76])
@@ -387,8 +444,10 @@ def test_default_process_layout_comes_from_jax(prepared):
 def test_eval_batches_cover_the_held_out_rows_once_in_order(prepared, process_count):
     held_out = PackedTokenSource(prepared, "eval")
     assert len(held_out) == 5
-    per_process = [list(make_eval_iterator(prepared, global_batch_size=4, process_index=p,
-                                           process_count=process_count)) for p in range(process_count)]
+    per_process = [
+        list(make_eval_iterator(prepared, global_batch_size=4, process_index=p, process_count=process_count))
+        for p in range(process_count)
+    ]
     assert all(len(batches) == 2 for batches in per_process)  # ceil(5 / 4) on every process
     ids = np.concatenate([np.concatenate([b[k]["input_ids"] for b in per_process]) for k in range(2)])
     mask = np.concatenate([np.concatenate([b[k]["attention_mask"] for b in per_process]) for k in range(2)])
@@ -408,8 +467,20 @@ def test_eval_batches_are_reiterable(prepared):
 
 
 def test_prepare_cli_success_with_the_default_tokenizer(corpus, tmp_path, capsys):
-    code = prepare_main([*map(str, corpus[0]), "--out", str(tmp_path / "out"), "--seq-len", "32",
-                         "--eval-fraction", "0.1", "--workers", "1", "--quiet"])
+    code = prepare_main(
+        [
+            *map(str, corpus[0]),
+            "--out",
+            str(tmp_path / "out"),
+            "--seq-len",
+            "32",
+            "--eval-fraction",
+            "0.1",
+            "--workers",
+            "1",
+            "--quiet",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     summary = json.loads(captured.out)
@@ -420,13 +491,16 @@ def test_prepare_cli_success_with_the_default_tokenizer(corpus, tmp_path, capsys
     assert config["eos_token"] == "<|endoftext|>"
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["missing.txt", "--out", "OUT", "--seq-len", "8"], "source not found"),
-    (["SRC", "--out", "OUT", "--seq-len", "zero"], "invalid int value"),
-    (["SRC", "--seq-len", "8"], "the following arguments are required: --out"),
-    (["SRC", "--out", "OUT", "--seq-len", "100000"], "too few for two sequences"),
-    (["SRC", "--out", "OUT", "--seq-len", "8", "--eval-fraction", "0.1", "--eval-sequences", "2"], "not allowed"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["missing.txt", "--out", "OUT", "--seq-len", "8"], "source not found"),
+        (["SRC", "--out", "OUT", "--seq-len", "zero"], "invalid int value"),
+        (["SRC", "--seq-len", "8"], "the following arguments are required: --out"),
+        (["SRC", "--out", "OUT", "--seq-len", "100000"], "too few for two sequences"),
+        (["SRC", "--out", "OUT", "--seq-len", "8", "--eval-fraction", "0.1", "--eval-sequences", "2"], "not allowed"),
+    ],
+)
 def test_prepare_cli_bad_input_exits_2_with_one_line(corpus, tok_dir, tmp_path, capsys, argv, message):
     argv = [str(corpus[0][0]) if a == "SRC" else str(tmp_path / "out") if a == "OUT" else a for a in argv]
     assert prepare_main([*argv, "--tokenizer", str(tok_dir), "--workers", "1", "--quiet"]) == 2
@@ -459,9 +533,7 @@ def test_default_corpus_is_real_english_from_the_standard_library(default_corpus
 def test_default_corpus_prepares_once_and_trains(default_corpus, tmp_path, reference_tokenizer):
     meta = ensure_prepared([default_corpus], tmp_path / "data", seq_len=128, eval_fraction=0.02, progress=False)
     assert meta["tokens"] > 300_000 and meta["splits"]["eval"]["sequences"] >= 50
-    assert ensure_prepared([default_corpus], tmp_path / "data", seq_len=128, eval_fraction=0.02,
-                           progress=False) == meta
-    batch = next(make_train_iterator(tmp_path / "data", global_batch_size=2, seed=0, process_index=0,
-                                     process_count=1))
+    assert ensure_prepared([default_corpus], tmp_path / "data", seq_len=128, eval_fraction=0.02, progress=False) == meta
+    batch = next(make_train_iterator(tmp_path / "data", global_batch_size=2, seed=0, process_index=0, process_count=1))
     text = reference_tokenizer.decode(batch["input_ids"][0].tolist())
     assert sum(word in text.split() for word in ("the", "a", "is", "of", "to")) >= 2

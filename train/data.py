@@ -15,6 +15,17 @@ from train.data_format import read_meta
 from train.data_loader import EvalBatches, PackedTokenSource, TrainBatches, make_eval_iterator, make_train_iterator
 from train.data_prepare import DEFAULT_EVAL_FRACTION, ensure_prepared, prepare
 
-__all__ = ["DEFAULT_EVAL_FRACTION", "EvalBatches", "PackedTokenSource", "TrainBatches", "default_corpus_name",
-           "default_corpus_sources", "ensure_prepared", "make_eval_iterator", "make_train_iterator", "prepare",
-           "prepare_main", "read_meta"]
+__all__ = [
+    "DEFAULT_EVAL_FRACTION",
+    "EvalBatches",
+    "PackedTokenSource",
+    "TrainBatches",
+    "default_corpus_name",
+    "default_corpus_sources",
+    "ensure_prepared",
+    "make_eval_iterator",
+    "make_train_iterator",
+    "prepare",
+    "prepare_main",
+    "read_meta",
+]

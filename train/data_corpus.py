@@ -28,8 +28,21 @@ from collections.abc import Iterator
 from pathlib import Path
 
 # Parts of the standard library that distributions may leave out or package separately.
-_SKIPPED_DIRECTORIES = {"test", "tests", "idle_test", "idlelib", "tkinter", "turtledemo", "lib2to3", "distutils",
-                        "ensurepip", "venv", "site-packages", "dist-packages", "__pycache__"}
+_SKIPPED_DIRECTORIES = {
+    "test",
+    "tests",
+    "idle_test",
+    "idlelib",
+    "tkinter",
+    "turtledemo",
+    "lib2to3",
+    "distutils",
+    "ensurepip",
+    "venv",
+    "site-packages",
+    "dist-packages",
+    "__pycache__",
+}
 _SKIPPED_FILES = {"turtle.py"}  # needs tkinter; some distributions ship it with it
 _DOCUMENTED_NODES = (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
 _TOPICS_FILE = Path("pydoc_data") / "topics.py"
@@ -81,10 +94,16 @@ def stdlib_documents(root: Path) -> Iterator[tuple[str, str]]:
 def _module_files(root: Path) -> list[Path]:
     files = []
     for directory, subdirectories, names in os.walk(root):
-        subdirectories[:] = [d for d in subdirectories
-                             if d not in _SKIPPED_DIRECTORIES and not d.startswith((".", "config-", "lib-dynload"))]
-        files.extend(Path(directory) / name for name in names
-                     if name.endswith(".py") and name not in _SKIPPED_FILES and not name.startswith("_sysconfigdata"))
+        subdirectories[:] = [
+            d
+            for d in subdirectories
+            if d not in _SKIPPED_DIRECTORIES and not d.startswith((".", "config-", "lib-dynload"))
+        ]
+        files.extend(
+            Path(directory) / name
+            for name in names
+            if name.endswith(".py") and name not in _SKIPPED_FILES and not name.startswith("_sysconfigdata")
+        )
     # Sorting by relative path makes the order independent of the directory listing order.
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 

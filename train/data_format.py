@@ -40,8 +40,10 @@ def read_meta(data_dir: str | os.PathLike) -> dict:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{path} does not describe {FORMAT} data")
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path} has format version {meta.get('format_version')}; this code reads version "
-                         f"{FORMAT_VERSION}: prepare the data again")
+        raise ValueError(
+            f"{path} has format version {meta.get('format_version')}; this code reads version "
+            f"{FORMAT_VERSION}: prepare the data again"
+        )
     return meta
 
 

@@ -47,8 +47,10 @@ class PackedTokenSource:
         self._shards = [self._open_shard(shard) for shard in info["shards"]]
         self._ends = np.cumsum([len(shard) for shard in self._shards], dtype=np.int64)
         if int(self._ends[-1] if len(self._ends) else 0) != info["sequences"]:
-            raise ValueError(f"{self._data_dir}: the {split} shards hold {int(self._ends[-1])} sequences, "
-                             f"meta.json says {info['sequences']}")
+            raise ValueError(
+                f"{self._data_dir}: the {split} shards hold {int(self._ends[-1])} sequences, "
+                f"meta.json says {info['sequences']}"
+            )
 
     def _open_shard(self, shard: dict) -> np.ndarray:
         path = self._data_dir / shard["file"]
@@ -56,8 +58,9 @@ class PackedTokenSource:
             raise FileNotFoundError(f"shard missing: {path}")
         rows = np.load(path, mmap_mode="r", allow_pickle=False)
         if rows.dtype != np.int32 or rows.ndim != 2 or rows.shape != (shard["sequences"], self.seq_len):
-            raise ValueError(f"{path}: expected int32 [{shard['sequences']}, {self.seq_len}], "
-                             f"found {rows.dtype} {list(rows.shape)}")
+            raise ValueError(
+                f"{path}: expected int32 [{shard['sequences']}, {self.seq_len}], found {rows.dtype} {list(rows.shape)}"
+            )
         return rows
 
     @property
@@ -94,7 +97,9 @@ class PackedTokenSource:
         self.__init__(state["data_dir"], state["split"])
 
 
-def _process_layout(global_batch_size: int, process_index: int | None, process_count: int | None) -> tuple[int, int, int]:
+def _process_layout(
+    global_batch_size: int, process_index: int | None, process_count: int | None
+) -> tuple[int, int, int]:
     """(process_index, process_count, local batch size), defaulting to JAX's process layout."""
     if process_index is None or process_count is None:
         import jax
@@ -117,11 +122,21 @@ class TrainBatches:
     a small JSON-serialisable dict, identical on all processes; `set_state(state)` continues from it
     (with any process count and global batch size)."""
 
-    def __init__(self, data_dir: str | os.PathLike, *, global_batch_size: int, seed: int,
-                 process_index: int | None = None, process_count: int | None = None, split: str = "train",
-                 read_threads: int = 2, prefetch_batches: int = 4):
+    def __init__(
+        self,
+        data_dir: str | os.PathLike,
+        *,
+        global_batch_size: int,
+        seed: int,
+        process_index: int | None = None,
+        process_count: int | None = None,
+        split: str = "train",
+        read_threads: int = 2,
+        prefetch_batches: int = 4,
+    ):
         self.process_index, self.process_count, self.local_batch_size = _process_layout(
-            global_batch_size, process_index, process_count)
+            global_batch_size, process_index, process_count
+        )
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an integer, got {seed!r}")
         self.global_batch_size = global_batch_size
@@ -154,7 +169,7 @@ class TrainBatches:
 
     def _local_batches(self, start: int):
         rows = self._stream[start:]
-        local = rows.batch(self.local_batch_size)[self.process_index::self.process_count]
+        local = rows.batch(self.local_batch_size)[self.process_index :: self.process_count]
         return local.map(lambda batch: {"input_ids": batch}).to_iter_dataset(self._read_options)
 
     def __iter__(self) -> TrainBatches:
@@ -168,15 +183,23 @@ class TrainBatches:
         return batch
 
     def get_state(self) -> dict:
-        return {"version": STATE_VERSION, "next_sample": self._next_sample, "seed": self.seed,
-                "num_sequences": self.num_sequences, "data_sha256": self.source.sha256}
+        return {
+            "version": STATE_VERSION,
+            "next_sample": self._next_sample,
+            "seed": self.seed,
+            "num_sequences": self.num_sequences,
+            "data_sha256": self.source.sha256,
+        }
 
     def set_state(self, state: dict) -> None:
         """Continue at `state["next_sample"]`; refuses a state of another seed or other data."""
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             raise ValueError(f"not a training data iterator state of version {STATE_VERSION}: {state!r}")
-        for key, mine in (("seed", self.seed), ("num_sequences", self.num_sequences),
-                          ("data_sha256", self.source.sha256)):
+        for key, mine in (
+            ("seed", self.seed),
+            ("num_sequences", self.num_sequences),
+            ("data_sha256", self.source.sha256),
+        ):
             if state.get(key) != mine:
                 raise ValueError(f"data iterator state has {key} {state.get(key)!r}, this run has {mine!r}")
         next_sample = state.get("next_sample")
@@ -201,10 +224,18 @@ class EvalBatches:
     attention_mask is 0, so every process runs the same number of equally shaped steps and the
     padding adds no tokens to a masked loss."""
 
-    def __init__(self, data_dir: str | os.PathLike, *, global_batch_size: int, process_index: int | None = None,
-                 process_count: int | None = None, split: str = "eval"):
+    def __init__(
+        self,
+        data_dir: str | os.PathLike,
+        *,
+        global_batch_size: int,
+        process_index: int | None = None,
+        process_count: int | None = None,
+        split: str = "eval",
+    ):
         self.process_index, self.process_count, self.local_batch_size = _process_layout(
-            global_batch_size, process_index, process_count)
+            global_batch_size, process_index, process_count
+        )
         self.global_batch_size = global_batch_size
         self.source = PackedTokenSource(data_dir, split)
         self._padding_token = self.source.meta["eos_token_id"]
@@ -228,19 +259,43 @@ class EvalBatches:
             yield {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
-def make_train_iterator(data_dir: str | os.PathLike, *, global_batch_size: int, seed: int,
-                        process_index: int | None = None, process_count: int | None = None,
-                        state: dict | None = None, split: str = "train") -> TrainBatches:
+def make_train_iterator(
+    data_dir: str | os.PathLike,
+    *,
+    global_batch_size: int,
+    seed: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    state: dict | None = None,
+    split: str = "train",
+) -> TrainBatches:
     """The training batch stream of a prepared directory, restored from `state` when given."""
-    batches = TrainBatches(data_dir, global_batch_size=global_batch_size, seed=seed, process_index=process_index,
-                           process_count=process_count, split=split)
+    batches = TrainBatches(
+        data_dir,
+        global_batch_size=global_batch_size,
+        seed=seed,
+        process_index=process_index,
+        process_count=process_count,
+        split=split,
+    )
     if state is not None:
         batches.set_state(state)
     return batches
 
 
-def make_eval_iterator(data_dir: str | os.PathLike, *, global_batch_size: int, process_index: int | None = None,
-                       process_count: int | None = None, split: str = "eval") -> EvalBatches:
+def make_eval_iterator(
+    data_dir: str | os.PathLike,
+    *,
+    global_batch_size: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    split: str = "eval",
+) -> EvalBatches:
     """The held-out batches of a prepared directory (iterate it once per evaluation)."""
-    return EvalBatches(data_dir, global_batch_size=global_batch_size, process_index=process_index,
-                       process_count=process_count, split=split)
+    return EvalBatches(
+        data_dir,
+        global_batch_size=global_batch_size,
+        process_index=process_index,
+        process_count=process_count,
+        split=split,
+    )

@@ -26,11 +26,24 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from train.data_format import (FORMAT, FORMAT_VERSION, META_FILE, TOKEN_DTYPE, TOKENIZER_DIR, read_meta_if_present,
-                               shard_file_name)
+from train.data_format import (
+    FORMAT,
+    FORMAT_VERSION,
+    META_FILE,
+    TOKEN_DTYPE,
+    TOKENIZER_DIR,
+    read_meta_if_present,
+    shard_file_name,
+)
 from train.data_sources import expand_sources, file_sha256, iter_pieces, source_record
-from train.data_tokenize import (TOKENIZER_FILE, encode_chunks, install_tokenizer, load_encoder, separator_token_id,
-                                 tokenizer_fingerprint)
+from train.data_tokenize import (
+    TOKENIZER_FILE,
+    encode_chunks,
+    install_tokenizer,
+    load_encoder,
+    separator_token_id,
+    tokenizer_fingerprint,
+)
 
 DEFAULT_EVAL_FRACTION = 0.01
 SHARD_BYTES = 128 << 20
@@ -38,10 +51,20 @@ CHUNK_CHARS = 1 << 18  # text handed to a worker at a time
 SMALL_CORPUS_BYTES = 32 << 20
 
 
-def prepare(sources: str | os.PathLike | Iterable[str | os.PathLike], out_dir: str | os.PathLike, *, seq_len: int,
-            eval_fraction: float = DEFAULT_EVAL_FRACTION, eval_sequences: int | None = None, text_key: str = "text",
-            tokenizer_dir: str | os.PathLike | None = None, num_workers: int | None = None,
-            overwrite: bool = False, progress: bool = True, sequences_per_shard: int | None = None) -> dict:
+def prepare(
+    sources: str | os.PathLike | Iterable[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    *,
+    seq_len: int,
+    eval_fraction: float = DEFAULT_EVAL_FRACTION,
+    eval_sequences: int | None = None,
+    text_key: str = "text",
+    tokenizer_dir: str | os.PathLike | None = None,
+    num_workers: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    sequences_per_shard: int | None = None,
+) -> dict:
     """Tokenize and pack `sources` into `out_dir`; returns the meta.json dict.
 
     sources: .txt files (one document each), .jsonl files (field `text_key` of each line), or
@@ -68,10 +91,18 @@ def prepare(sources: str | os.PathLike | Iterable[str | os.PathLike], out_dir: s
     return meta
 
 
-def ensure_prepared(sources: str | os.PathLike | Iterable[str | os.PathLike], data_dir: str | os.PathLike, *,
-                    seq_len: int, eval_fraction: float = DEFAULT_EVAL_FRACTION, eval_sequences: int | None = None,
-                    text_key: str = "text", tokenizer_dir: str | os.PathLike | None = None,
-                    num_workers: int | None = None, progress: bool = True) -> dict:
+def ensure_prepared(
+    sources: str | os.PathLike | Iterable[str | os.PathLike],
+    data_dir: str | os.PathLike,
+    *,
+    seq_len: int,
+    eval_fraction: float = DEFAULT_EVAL_FRACTION,
+    eval_sequences: int | None = None,
+    text_key: str = "text",
+    tokenizer_dir: str | os.PathLike | None = None,
+    num_workers: int | None = None,
+    progress: bool = True,
+) -> dict:
     """`prepare` into `data_dir` unless it already holds this data; returns its meta.json dict.
 
     Reused when the options match and every source has its recorded path and size and either its
@@ -84,9 +115,18 @@ def ensure_prepared(sources: str | os.PathLike | Iterable[str | os.PathLike], da
     if existing is not None and _is_current(existing, files, options):
         return existing
     try:
-        return prepare(files, data_dir, seq_len=seq_len, eval_fraction=eval_fraction, eval_sequences=eval_sequences,
-                       text_key=text_key, tokenizer_dir=tokenizer_dir, num_workers=num_workers,
-                       overwrite=existing is not None, progress=progress)
+        return prepare(
+            files,
+            data_dir,
+            seq_len=seq_len,
+            eval_fraction=eval_fraction,
+            eval_sequences=eval_sequences,
+            text_key=text_key,
+            tokenizer_dir=tokenizer_dir,
+            num_workers=num_workers,
+            overwrite=existing is not None,
+            progress=progress,
+        )
     except FileExistsError:
         raced = read_meta_if_present(data_dir)
         if raced is not None and _is_current(raced, files, options):
@@ -108,12 +148,14 @@ def _checked_options(seq_len, eval_fraction, eval_sequences, text_key, tokenizer
         raise ValueError(f"eval_fraction must be between 0 and 1 (exclusive), got {eval_fraction!r}")
     if not isinstance(text_key, str) or not text_key:
         raise ValueError(f"text_key must be a non-empty string, got {text_key!r}")
-    return {"seq_len": seq_len,
-            "eval_fraction": None if eval_sequences is not None else float(eval_fraction),
-            "eval_sequences": eval_sequences,
-            "text_key": text_key,
-            "tokenizer": tokenizer_fingerprint(tokenizer_dir),
-            "tokenizer_dir": None if tokenizer_dir is None else str(Path(tokenizer_dir).absolute())}
+    return {
+        "seq_len": seq_len,
+        "eval_fraction": None if eval_sequences is not None else float(eval_fraction),
+        "eval_sequences": eval_sequences,
+        "text_key": text_key,
+        "tokenizer": tokenizer_fingerprint(tokenizer_dir),
+        "tokenizer_dir": None if tokenizer_dir is None else str(Path(tokenizer_dir).absolute()),
+    }
 
 
 def _checked_workers(num_workers: int | None, files: list[Path]) -> int:
@@ -182,8 +224,9 @@ def _json_roundtrip(value):
 # Tokenizing, packing, writing
 
 
-def _prepare_into(staging: Path, files: list[Path], options: dict, num_workers: int, progress: bool,
-                  sequences_per_shard: int | None) -> dict:
+def _prepare_into(
+    staging: Path, files: list[Path], options: dict, num_workers: int, progress: bool, sequences_per_shard: int | None
+) -> dict:
     seq_len = options["seq_len"]
     sources = [source_record(path) for path in files]
     tokenizer_dir = install_tokenizer(options["tokenizer_dir"], staging / TOKENIZER_DIR)
@@ -191,39 +234,57 @@ def _prepare_into(staging: Path, files: list[Path], options: dict, num_workers: 
     separator = separator_token_id(tokenizer)
 
     stream_path = staging / "stream.tmp"
-    _tokenize_to_stream(files, options["text_key"], tokenizer_dir / TOKENIZER_FILE, separator, stream_path,
-                        sources, num_workers, progress)
+    _tokenize_to_stream(
+        files,
+        options["text_key"],
+        tokenizer_dir / TOKENIZER_FILE,
+        separator,
+        stream_path,
+        sources,
+        num_workers,
+        progress,
+    )
     total_tokens = sum(s["tokens"] for s in sources)
     if total_tokens == 0:
         raise ValueError(f"the sources hold no text ({len(files)} file(s), all empty)")
     num_rows = total_tokens // seq_len
     if num_rows < 2:
-        raise ValueError(f"the corpus has {total_tokens} tokens, too few for two sequences of seq_len {seq_len} "
-                         "(one to train on, one held out): lower seq_len or add text")
+        raise ValueError(
+            f"the corpus has {total_tokens} tokens, too few for two sequences of seq_len {seq_len} "
+            "(one to train on, one held out): lower seq_len or add text"
+        )
     num_eval = options["eval_sequences"] or max(1, round(options["eval_fraction"] * num_rows))
     if num_eval >= num_rows:
-        raise ValueError(f"a held-out split of {num_eval} sequences leaves none to train on: the corpus packs "
-                         f"into {num_rows} sequences of {seq_len} tokens")
+        raise ValueError(
+            f"a held-out split of {num_eval} sequences leaves none to train on: the corpus packs "
+            f"into {num_rows} sequences of {seq_len} tokens"
+        )
 
     rows = np.memmap(stream_path, dtype=np.int32, mode="r", shape=(num_rows, seq_len))
     held_out = held_out_rows(num_rows, num_eval)
     per_shard = sequences_per_shard or max(1, SHARD_BYTES // (seq_len * np.dtype(TOKEN_DTYPE).itemsize))
-    splits = {"train": _write_split(rows, np.flatnonzero(~held_out), staging, "train", per_shard),
-              "eval": _write_split(rows, np.flatnonzero(held_out), staging, "eval", per_shard)}
+    splits = {
+        "train": _write_split(rows, np.flatnonzero(~held_out), staging, "train", per_shard),
+        "eval": _write_split(rows, np.flatnonzero(held_out), staging, "eval", per_shard),
+    }
     del rows
     stream_path.unlink()
 
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION,
-            "seq_len": seq_len, "dtype": TOKEN_DTYPE,
-            "eos_token_id": separator,
-            "vocab_size": tokenizer.get_vocab_size(with_added_tokens=True),
-            "tokenizer_dir": TOKENIZER_DIR,
-            "documents": sum(s["documents"] for s in sources),
-            "tokens": total_tokens,
-            "tokens_dropped": total_tokens - num_rows * seq_len,
-            "splits": splits,
-            "sources": sources,
-            "options": _json_roundtrip(options)}
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "seq_len": seq_len,
+        "dtype": TOKEN_DTYPE,
+        "eos_token_id": separator,
+        "vocab_size": tokenizer.get_vocab_size(with_added_tokens=True),
+        "tokenizer_dir": TOKENIZER_DIR,
+        "documents": sum(s["documents"] for s in sources),
+        "tokens": total_tokens,
+        "tokens_dropped": total_tokens - num_rows * seq_len,
+        "splits": splits,
+        "sources": sources,
+        "options": _json_roundtrip(options),
+    }
     (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return meta
 
@@ -249,15 +310,27 @@ def _piece_chunks(files: list[Path], text_key: str) -> Iterator[tuple[list[tuple
         yield tags, texts
 
 
-def _tokenize_to_stream(files: list[Path], text_key: str, tokenizer_json: Path, separator: int, stream_path: Path,
-                        sources: list[dict], num_workers: int, progress: bool) -> None:
+def _tokenize_to_stream(
+    files: list[Path],
+    text_key: str,
+    tokenizer_json: Path,
+    separator: int,
+    stream_path: Path,
+    sources: list[dict],
+    num_workers: int,
+    progress: bool,
+) -> None:
     """Append every document's tokens and a separator to `stream_path`; count them into `sources`."""
     for record in sources:
         record.update(documents=0, tokens=0)
     separator_array = np.array([separator], dtype=np.int32)
     total_bytes = sum(record["size"] for record in sources)
-    with open(stream_path, "wb") as stream, tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing",
-                                                 disable=not progress, dynamic_ncols=True) as bar:
+    with (
+        open(stream_path, "wb") as stream,
+        tqdm(
+            total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=not progress, dynamic_ncols=True
+        ) as bar,
+    ):
         for tags, token_arrays in encode_chunks(_piece_chunks(files, text_key), tokenizer_json, num_workers):
             parts = []
             for (source_index, ends_document, nbytes), tokens in zip(tags, token_arrays):
@@ -277,10 +350,14 @@ def _write_split(rows: np.ndarray, indices: np.ndarray, directory: Path, split: 
     digest = hashlib.sha256()
     shards = []
     for shard_index, start in enumerate(range(0, len(indices), per_shard)):
-        block = np.ascontiguousarray(rows[indices[start:start + per_shard]])
+        block = np.ascontiguousarray(rows[indices[start : start + per_shard]])
         name = shard_file_name(split, shard_index)
         np.save(directory / name, block, allow_pickle=False)
         digest.update(block.tobytes())
         shards.append({"file": name, "sequences": int(block.shape[0])})
-    return {"sequences": int(len(indices)), "tokens": int(len(indices)) * rows.shape[1], "sha256": digest.hexdigest(),
-            "shards": shards}
+    return {
+        "sequences": int(len(indices)),
+        "tokens": int(len(indices)) * rows.shape[1],
+        "sha256": digest.hexdigest(),
+        "shards": shards,
+    }

@@ -55,8 +55,10 @@ def expand_sources(sources: Iterable[str | os.PathLike]) -> list[Path]:
             files.extend(found)
         elif path.is_file():
             if path.suffix not in SUPPORTED_SUFFIXES:
-                raise ValueError(f"unsupported source {path}: expected a {' or '.join(SUPPORTED_SUFFIXES)} file "
-                                 "or a directory of them")
+                raise ValueError(
+                    f"unsupported source {path}: expected a {' or '.join(SUPPORTED_SUFFIXES)} file "
+                    "or a directory of them"
+                )
             files.append(path)
         else:
             raise FileNotFoundError(f"source not found: {path}")
@@ -82,8 +84,9 @@ def source_record(path: Path, with_hash: bool = True) -> dict:
     return record
 
 
-def iter_pieces(path: Path, text_key: str = "text",
-                max_piece_chars: int = DEFAULT_MAX_PIECE_CHARS) -> Iterator[TextPiece]:
+def iter_pieces(
+    path: Path, text_key: str = "text", max_piece_chars: int = DEFAULT_MAX_PIECE_CHARS
+) -> Iterator[TextPiece]:
     """The documents of one source file as pieces (see the module docstring)."""
     if path.suffix == ".jsonl":
         return _jsonl_pieces(path, text_key)

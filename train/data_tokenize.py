@@ -52,7 +52,9 @@ def custom_tokenizer_fingerprint(tokenizer_dir: Path) -> dict:
 
 
 def tokenizer_fingerprint(tokenizer_dir: str | os.PathLike | None) -> dict:
-    return default_tokenizer_fingerprint() if tokenizer_dir is None else custom_tokenizer_fingerprint(Path(tokenizer_dir))
+    return (
+        default_tokenizer_fingerprint() if tokenizer_dir is None else custom_tokenizer_fingerprint(Path(tokenizer_dir))
+    )
 
 
 def install_tokenizer(tokenizer_dir: str | os.PathLike | None, destination: Path) -> Path:
@@ -95,7 +97,9 @@ def separator_token_id(tokenizer) -> int:
 
 
 def encode_texts(tokenizer, texts: list[str]) -> list[np.ndarray]:
-    return [np.asarray(encoding.ids, dtype=np.int32) for encoding in tokenizer.encode_batch(texts, add_special_tokens=False)]
+    return [
+        np.asarray(encoding.ids, dtype=np.int32) for encoding in tokenizer.encode_batch(texts, add_special_tokens=False)
+    ]
 
 
 _worker_tokenizer = None
@@ -112,8 +116,9 @@ def _encode_in_worker(texts: list[str]) -> list[np.ndarray]:
     return encode_texts(_worker_tokenizer, texts)
 
 
-def encode_chunks(chunks: Iterable[tuple[Item, list[str]]], tokenizer_json: Path,
-                  num_workers: int) -> Iterator[tuple[Item, list[np.ndarray]]]:
+def encode_chunks(
+    chunks: Iterable[tuple[Item, list[str]]], tokenizer_json: Path, num_workers: int
+) -> Iterator[tuple[Item, list[np.ndarray]]]:
     """Encode (tag, texts) chunks in order, yielding (tag, token arrays); `num_workers` processes
     (1: in this process, where `tokenizers` itself may use several threads)."""
     if num_workers <= 1:
