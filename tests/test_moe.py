@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import qwen2_jax
-from hf_utils import hf_logits, make_hf_model, rel_err
+from hf_utils import hf_logits, hf_moe_config, make_hf_model, rel_err
 from qwen2_jax.forward import forward_outputs
 from qwen2_jax.moe import aux_loss, moe_loss, router_z_loss
 from qwen2_jax.options import RunOptions
@@ -23,30 +23,6 @@ CASES = {
     "k3-norm-step2": dict(num_experts_per_tok=3, norm_topk_prob=True, decoder_sparse_step=2, num_hidden_layers=4),
     "k4-mlp-only": dict(num_experts_per_tok=4, mlp_only_layers=[0, 2], num_hidden_layers=4, tie_word_embeddings=True),
 }
-
-
-def hf_moe_config(**overrides):
-    from transformers import Qwen2MoeConfig
-
-    base = dict(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        num_experts=8,
-        num_experts_per_tok=2,
-        moe_intermediate_size=32,
-        shared_expert_intermediate_size=48,
-        decoder_sparse_step=1,
-        norm_topk_prob=False,
-        mlp_only_layers=[],
-        tie_word_embeddings=False,
-    )
-    base.update(overrides)
-    return Qwen2MoeConfig(rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **base)
 
 
 def make_hf_moe(hf_cfg, seed=0, router_scale=4.0):
