@@ -12,35 +12,10 @@ import pytest
 from qwen2_jax.tokenizer import Qwen2Tokenizer, load_tokenizer
 from tokenizer_utils import (
     CONVERSATION,
-    CORPUS,
     SAMPLES,
     SYSTEM,
-    built_tokenizer,
-    hf_tokenizer,
-    loaded_tokenizer,
     nfc,
 )
-
-
-@pytest.fixture(scope="session")
-def tok_dir(tmp_path_factory):
-    return built_tokenizer(tmp_path_factory)[0]
-
-
-@pytest.fixture(scope="session")
-def tok(tok_dir):
-    return loaded_tokenizer(tok_dir)
-
-
-@pytest.fixture(scope="session")
-def hf_tok(tok_dir):
-    return hf_tokenizer(tok_dir)
-
-
-@pytest.fixture(scope="session")
-def corpus():
-    return CORPUS
-
 
 # --- round trip ------------------------------------------------------------------------------
 

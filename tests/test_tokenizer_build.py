@@ -22,13 +22,10 @@ from qwen2_jax.tokenizer_build import (  # noqa: E402
 )
 from tokenizer_utils import (  # noqa: E402
     CONVERSATION,
-    CORPUS,
     QWEN_PATTERN,
     SAMPLES,
     SPECIAL_TOKENS,
     built_tokenizer,
-    hf_tokenizer,
-    loaded_tokenizer,
     nfc,
 )
 
@@ -36,26 +33,6 @@ from tokenizer_utils import (  # noqa: E402
 @pytest.fixture(scope="session")
 def build_seconds(tmp_path_factory):
     return built_tokenizer(tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def tok_dir(tmp_path_factory):
-    return built_tokenizer(tmp_path_factory)[0]
-
-
-@pytest.fixture(scope="session")
-def tok(tok_dir):
-    return loaded_tokenizer(tok_dir)
-
-
-@pytest.fixture(scope="session")
-def hf_tok(tok_dir):
-    return hf_tokenizer(tok_dir)
-
-
-@pytest.fixture(scope="session")
-def corpus():
-    return CORPUS
 
 
 # A minimal valid tokenizer.json for tests that only exercise the config side.
