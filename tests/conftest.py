@@ -37,3 +37,25 @@ def corpus():
     from tokenizer_utils import CORPUS
 
     return CORPUS
+
+
+# The training-data tests' corpus of random documents and its prepared shards (built once per session).
+@pytest.fixture(scope="session")
+def reference_tokenizer(tok_dir):
+    from train_data_utils import reference_tokenizer
+
+    return reference_tokenizer(tok_dir)
+
+
+@pytest.fixture(scope="session")
+def data_corpus(tmp_path_factory):
+    from train_data_utils import make_corpus
+
+    return make_corpus(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def prepared(data_corpus, tok_dir, tmp_path_factory):
+    from train_data_utils import prepare_corpus
+
+    return prepare_corpus(data_corpus, tok_dir, tmp_path_factory)
