@@ -149,7 +149,8 @@ def main():
     table = {}
     for isa in args.isas.split(","):
         env = dict(os.environ, JAX_PLATFORMS="cpu")
-        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + ("" if isa == "default" else f" --xla_cpu_max_isa={isa}")).strip()
+        cap = "" if isa == "default" else f" --xla_cpu_max_isa={isa}"
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + cap).strip()
         out = subprocess.run([sys.executable, __file__, "--child", "--cases", args.cases], env=env, check=True,
                              capture_output=True, text=True).stdout
         table[isa] = json.loads(out.strip().splitlines()[-1])

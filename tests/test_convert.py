@@ -11,10 +11,10 @@ import torch
 import qwen2_jax
 from convert_utils import ASSETS, TORCH_DTYPES, run_cli, save_hf, tensors_of, torch_bytes
 from hf_utils import hf_logits, rel_err
-from tolerances import PARITY_REL
 from qwen2_jax import orbax_checkpoint as oc
 from qwen2_jax.params import param_shardings
 from qwen2_jax.sharding import make_mesh
+from tolerances import PARITY_REL
 
 SOURCES = {"float32": dict(dtype="float32"), "bfloat16": dict(dtype="bfloat16"),
            "float32-tied": dict(dtype="float32", tied=True)}
