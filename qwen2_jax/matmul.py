@@ -2,14 +2,16 @@
 point (`apply_kernel`).
 
 - "einsum": `jnp.einsum` with the kernel cast to the compute dtype (GPU/TPU, float32 everywhere).
-- "gemm": the same product as one 2-D dot [rows, in] x [in, out] with float32 accumulation and at
-  least two rows, on the kernel as stored. On XLA:CPU (jaxlib 0.10.2) this is what reaches its
+- "gemm": the same product as one 2-D dot [rows, in] x [in, out] (or [out, in]) with float32
+  accumulation, on the kernel as stored. On XLA:CPU (jaxlib 0.10.2) this is what reaches its
   bfloat16 GEMM library (YNNPACK: bf16 operands, float32 accumulation); every other bf16 dot is
   rewritten to a float32 dot over a converted float32 copy of the weights, and inside the decode
   loop XLA hoists those converts out of the loop (a float32 copy of every kernel per generate call).
   Measured on this project's 2-core CPU, Qwen2-0.5B shapes, bf16 [1, 896] x [896, 151936]: 143 ms as
-  einsum, 26 ms as a 2-row dot (float32 weights: 24 ms). A single row is padded to two: XLA:CPU sends
-  1-row dots to its float32 path.
+  einsum, 26 ms as a 2-row dot (float32 weights: 24 ms). A single bf16 row is padded to two: XLA:CPU
+  sends 1-row bf16 dots to its float32 path. For float32 kernels the 2-D form avoids a transposed
+  copy XLA:CPU makes of every 3-D attention kernel ([heads, head_dim, d]) at every decode step:
+  float32 decode at batch 1 went from 171 to 94 ms per step (same run, contended machine).
 - int8 kernels (`Int8Kernel`: int8 values, one float32 scale per output channel) always use
   `int8_dot`: the activations are written as two int8 digits per row (hi * s + lo * s / 254, a
   16-bit fixed-point split of each row, finer than bfloat16 for every value above 1/128 of the row's
@@ -53,17 +55,18 @@ def check_quantize(quantize) -> str | None:
 
 
 def uses_gemm(matmul: str, kernel_dtype, compute_dtype) -> bool:
-    """Whether a float kernel is multiplied as a 2-D GEMM: asked for, or "auto" on CPU for bfloat16
-    kernels computed in bfloat16 (the only case measured faster; float16 has no such library path
-    on XLA:CPU and float32 is as fast either way)."""
+    """Whether a float kernel is multiplied as a 2-D GEMM: asked for, or "auto" on CPU for float32 and
+    bfloat16 kernels computed in their own dtype (float16 has no library path on XLA:CPU: it is
+    converted to float32 either way)."""
     if matmul == "gemm":
         return True
     if matmul == "einsum":
         return False
+    kernel_dtype = jnp.dtype(kernel_dtype)
     return (
         jax.default_backend() == "cpu"
-        and jnp.dtype(kernel_dtype) == jnp.bfloat16
-        and jnp.dtype(compute_dtype) == jnp.bfloat16
+        and kernel_dtype == jnp.dtype(compute_dtype)
+        and kernel_dtype in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
     )
 
 
@@ -131,9 +134,9 @@ def _dot(rows_mk, w, in_first: bool, preferred):
 
 def gemm_dot(rows_mk, w, in_first: bool):
     """[m, k] x kernel ([k, n] if in_first else [n, k]) -> float32 [m, n], float32 accumulation; one
-    row is padded to two (see the module docstring)."""
+    row of 16-bit operands is padded to two (see the module docstring)."""
     m = rows_mk.shape[0]
-    if m == 1:
+    if m == 1 and jnp.dtype(w.dtype).itemsize == 2:
         rows_mk = jnp.concatenate([rows_mk, jnp.zeros_like(rows_mk)], axis=0)
     return _dot(rows_mk, w, in_first, jnp.float32)[:m]
 
