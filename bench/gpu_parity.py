@@ -22,10 +22,9 @@ def main() -> int:
     import tempfile
 
     import jax
-    from transformers import Qwen2MoeConfig
 
     import qwen2_jax
-    from hf_utils import hf_dense_config, hf_logits, make_hf_model, rel_err
+    from hf_utils import hf_dense_config, hf_logits, hf_moe_config, make_hf_model, rel_err
 
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()})", flush=True)
     rng = np.random.RandomState(0)
@@ -34,21 +33,7 @@ def main() -> int:
     mask[1, :13] = 0  # left padding
     mask[2, 30:] = 0  # right padding
     real = mask.astype(bool)
-    moe_cfg = Qwen2MoeConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        num_experts=8,
-        num_experts_per_tok=2,
-        moe_intermediate_size=32,
-        shared_expert_intermediate_size=48,
-        decoder_sparse_step=1,
-        mlp_only_layers=[1],
-    )
+    moe_cfg = hf_moe_config(mlp_only_layers=[1])
     cases = {
         "dense gqa2": (hf_dense_config(), False),
         "dense sliding tied": (

@@ -125,7 +125,9 @@ def main():
     cfg = make_config(args.width_div)
     dtype = jnp.dtype(args.dtype)
     x0 = jnp.zeros((1, 8, cfg.hidden_size), dtype)
-    params = nn.unbox(SparseMoeBlock(cfg, dtype, dtype).init(jax.random.key(0), x0)["params"])
+    params = nn.unbox(
+        SparseMoeBlock(cfg, RunOptions(dtype=dtype, param_dtype=dtype)).init(jax.random.key(0), x0)["params"]
+    )
     # a router that spreads tokens over experts (HF init std 0.02 would too; keep it explicit)
     params["router_kernel"] = (jax.random.normal(jax.random.key(1), params["router_kernel"].shape) * 0.5).astype(dtype)
     paths = args.paths.split(",")

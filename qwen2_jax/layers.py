@@ -197,6 +197,17 @@ _CAUSAL_BLOCK = 64
 _MAX_CAUSAL_BLOCKS = 16  # bounds the unrolled program (and compile time) for long prompts
 
 
+def _fused_attention_available(q_btnh) -> bool:
+    """cuDNN flash attention: NVIDIA GPUs, 16-bit activations, head_dim a multiple of 8 up to 256."""
+    head_dim = q_btnh.shape[-1]
+    return (
+        jax.default_backend() == "gpu"
+        and q_btnh.dtype in (jnp.bfloat16, jnp.float16)
+        and head_dim % 8 == 0
+        and head_dim <= 256
+    )
+
+
 def attention_core(q_btnh, k_bskh, v_bskh, mask_b1ts, scale, write_index=None):
     """Softmax attention. write_index: where this chunk's keys start in the cache, None when the keys
     are the chunk's own (uncached). When they start at a static 0 (uncached, or a prefill into an empty
@@ -210,6 +221,14 @@ def attention_core(q_btnh, k_bskh, v_bskh, mask_b1ts, scale, write_index=None):
     t = q_btnh.shape[1]
     if keys_start_at_query_0 and k_bskh.shape[1] > t:  # empty cache slots past the prompt: never visible
         k_bskh, v_bskh, mask_b1ts = k_bskh[:, :t], v_bskh[:, :t], mask_b1ts[..., :t]
+    if keys_start_at_query_0 and t > 1 and _fused_attention_available(q_btnh):
+        # XLA's attention on GPU materialises every [t, s] score block (and the scan keeps one per
+        # layer for the backward pass: 42 GiB at Qwen2-0.5B, batch 16 x 2048 on an H100); cuDNN's
+        # fused kernel keeps none. The mask (padding, sliding window) goes in as a bias.
+        out = jax.nn.dot_product_attention(
+            q_btnh, k_bskh, v_bskh, mask=mask_b1ts, scale=scale, is_causal=True, implementation="cudnn"
+        )
+        return out.astype(out_dtype)
     block = max(_CAUSAL_BLOCK, -(-t // _MAX_CAUSAL_BLOCKS))
     if not keys_start_at_query_0 or t <= block or jax.default_backend() != "cpu":
         out = jax.nn.dot_product_attention(q_btnh, k_bskh, v_bskh, mask=mask_b1ts, scale=scale, implementation=None)

@@ -147,18 +147,9 @@ class Qwen2ForCausalLM(nn.Module):
         if opt.remat != "none":
             layer_cls = nn.remat(DecoderLayer, prevent_cse=False, policy=REMAT_POLICIES[opt.remat])
         run = self._per_layer if opt.layer_layout == "per_layer" else self._stacked
-        x_btd, layer_outs = run(
-            layer_cls,
-            x_btd,
-            cos_bth,
-            sin_bth,
-            mask_full,
-            mask_sliding,
-            write_index,
-            cache,
-            output_hidden_states,
-            output_router_logits,
-        )
+        shared = (cos_bth, sin_bth, mask_full, mask_sliding, write_index)
+        flags = (output_hidden_states, output_router_logits)
+        x_btd, layer_outs = run(layer_cls, x_btd, shared, cache, flags)
 
         x_btd = RMSNorm(cfg.rms_norm_eps, opt.param_dtype, name="norm")(x_btd)
         out: dict[str, Any] = {}
@@ -196,21 +187,11 @@ class Qwen2ForCausalLM(nn.Module):
             out["final_hidden"] = x_btd
         return out
 
-    def _stacked(
-        self,
-        layer_cls,
-        x_btd,
-        cos_bth,
-        sin_bth,
-        mask_full,
-        mask_sliding,
-        write_index,
-        cache,
-        output_hidden_states,
-        output_router_logits,
-    ):
+    def _stacked(self, layer_cls, x_btd, shared: tuple, cache, flags: tuple[bool, bool]):
+        """The layers as nn.scan over each stacked segment. shared: (cos, sin, full mask, sliding
+        mask, write index); flags: (output_hidden_states, output_router_logits)."""
         cfg, opt = self.config, self.options
-        outs: dict[str, list] = {"hidden": [x_btd], "router_logits": [], "cache_k": [], "cache_v": []}
+        outs = _new_outputs(x_btd)
         for s, (name, layer_ids) in enumerate(cfg.layer_segments()):
             scanned = nn.scan(
                 layer_cls,
@@ -220,57 +201,42 @@ class Qwen2ForCausalLM(nn.Module):
                 length=len(layer_ids),
                 unroll=min(opt.scan_unroll, len(layer_ids)),
                 metadata_params={nn.PARTITION_NAME: "layers"},
-            )(cfg, opt, cfg.is_sparse_layer(layer_ids[0]), output_hidden_states, output_router_logits, name=name)
+            )(cfg, opt, cfg.is_sparse_layer(layer_ids[0]), *flags, name=name)
             is_sliding_l = jnp.array([cfg.layer_is_sliding[i] for i in layer_ids])
-            cache_k = cache.k[s] if cache is not None else None
-            cache_v = cache.v[s] if cache is not None else None
-            x_btd, seg = scanned(
-                x_btd, cos_bth, sin_bth, mask_full, mask_sliding, write_index, is_sliding_l, cache_k, cache_v
-            )
-            outs["cache_k"].append(seg["cache_k"])
-            outs["cache_v"].append(seg["cache_v"])
-            for key in ("hidden", "router_logits"):
-                if key in seg:
-                    outs[key].extend(seg[key][j] for j in range(len(layer_ids)))
+            caches = (cache.k[s], cache.v[s]) if cache is not None else (None, None)
+            x_btd, seg = scanned(x_btd, *shared, is_sliding_l, *caches)
+            _collect(outs, seg, len(layer_ids))
         return x_btd, outs
 
-    def _per_layer(
-        self,
-        layer_cls,
-        x_btd,
-        cos_bth,
-        sin_bth,
-        mask_full,
-        mask_sliding,
-        write_index,
-        cache,
-        output_hidden_states,
-        output_router_logits,
-    ):
+    def _per_layer(self, layer_cls, x_btd, shared: tuple, cache, flags: tuple[bool, bool]):
+        """The layers as a Python loop over one module per layer (same arguments as _stacked)."""
         cfg, opt = self.config, self.options
-        outs: dict[str, list] = {"hidden": [x_btd], "router_logits": [], "cache_k": [], "cache_v": []}
+        cos_bth, sin_bth, mask_full, mask_sliding, write_index = shared
+        outs = _new_outputs(x_btd)
         for i in range(cfg.num_hidden_layers):
             mask = mask_sliding if cfg.layer_is_sliding[i] else mask_full
-            layer = layer_cls(
-                cfg, opt, cfg.is_sparse_layer(i), output_hidden_states, output_router_logits, name=per_layer_name(i)
-            )
-            x_btd, one = layer(
-                x_btd,
-                cos_bth,
-                sin_bth,
-                mask,
-                None,
-                write_index,
-                False,
-                cache.k[i] if cache is not None else None,
-                cache.v[i] if cache is not None else None,
-            )
-            outs["cache_k"].append(one["cache_k"])
-            outs["cache_v"].append(one["cache_v"])
-            for key in ("hidden", "router_logits"):
-                if key in one:
-                    outs[key].append(one[key])
+            layer = layer_cls(cfg, opt, cfg.is_sparse_layer(i), *flags, name=per_layer_name(i))
+            caches = (cache.k[i], cache.v[i]) if cache is not None else (None, None)
+            x_btd, one = layer(x_btd, cos_bth, sin_bth, mask, None, write_index, False, *caches)
+            _collect(outs, one, None)
         return x_btd, outs
+
+
+def _new_outputs(x_btd) -> dict[str, list]:
+    return {"hidden": [x_btd], "router_logits": [], "cache_k": [], "cache_v": []}
+
+
+def _collect(outs: dict[str, list], layer_outs: dict, stacked: int | None) -> None:
+    """Append one layer's (or one scanned segment's `stacked` layers') outputs to `outs`."""
+    outs["cache_k"].append(layer_outs["cache_k"])
+    outs["cache_v"].append(layer_outs["cache_v"])
+    for key in ("hidden", "router_logits"):
+        if key in layer_outs:
+            value = layer_outs[key]
+            if stacked:
+                outs[key].extend(value[j] for j in range(stacked))
+            else:
+                outs[key].append(value)
 
 
 def positions_from_mask(attention_mask_bt):

@@ -18,12 +18,23 @@ def randomize_all(model, seed: int = 0, scale: float = 0.2):
     return model
 
 
+# The shape every tiny test model starts from (dense and MoE).
+TINY_SHAPE = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    tie_word_embeddings=False,
+)
+
+
 def hf_dense_config(**overrides):
     from transformers import Qwen2Config as HFQwen2Config
 
-    base = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                rms_norm_eps=1e-6, tie_word_embeddings=False, rope_theta=10000.0)
+    base = dict(TINY_SHAPE, rms_norm_eps=1e-6, rope_theta=10000.0)
     rope = overrides.pop("rope_scaling", None)
     base.update(overrides)
     theta = base.pop("rope_theta")
@@ -32,6 +43,23 @@ def hf_dense_config(**overrides):
         rope_parameters = {**rope, "rope_theta": theta}
         rope_parameters.setdefault("rope_type", rope_parameters.pop("type", "default"))
     return HFQwen2Config(rope_parameters=rope_parameters, **base)
+
+
+def hf_moe_config(**overrides):
+    from transformers import Qwen2MoeConfig
+
+    base = dict(
+        TINY_SHAPE,
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=48,
+        decoder_sparse_step=1,
+        norm_topk_prob=False,
+        mlp_only_layers=[],
+    )
+    base.update(overrides)
+    return Qwen2MoeConfig(rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **base)
 
 
 def make_hf_model(hf_config, seed: int = 0, moe: bool = False):

@@ -5,14 +5,15 @@ import numpy as np
 import pytest
 import torch
 
-from qwen2_jax.options import RunOptions
 import qwen2_jax
-from hf_utils import hf_logits, make_hf_model, rel_err
+from hf_utils import hf_logits, hf_moe_config, make_hf_model, rel_err
 from qwen2_jax.forward import forward_outputs
 from qwen2_jax.moe import aux_loss, moe_loss, router_z_loss
+from qwen2_jax.options import RunOptions
+from tolerances import AUX_ATOL, BATCH_REL, LOSS_RTOL, PARITY_REL
 
-TOL = 1e-5  # the issue's bar is 1e-4
-AUX_TOL = 1e-6
+TOL = PARITY_REL  # measured noise floor x margin: tests/tolerances.py (the issue's bar was 1e-4)
+AUX_TOL = AUX_ATOL
 SEQ = 14
 
 CASES = {
@@ -22,17 +23,6 @@ CASES = {
     "k3-norm-step2": dict(num_experts_per_tok=3, norm_topk_prob=True, decoder_sparse_step=2, num_hidden_layers=4),
     "k4-mlp-only": dict(num_experts_per_tok=4, mlp_only_layers=[0, 2], num_hidden_layers=4, tie_word_embeddings=True),
 }
-
-
-def hf_moe_config(**overrides):
-    from transformers import Qwen2MoeConfig
-
-    base = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=256, num_experts=8, num_experts_per_tok=2,
-                moe_intermediate_size=32, shared_expert_intermediate_size=48, decoder_sparse_step=1,
-                norm_topk_prob=False, mlp_only_layers=[], tie_word_embeddings=False)
-    base.update(overrides)
-    return Qwen2MoeConfig(rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **base)
 
 
 def make_hf_moe(hf_cfg, seed=0, router_scale=4.0):
@@ -95,17 +85,21 @@ def _some_slow(fast):
 
 def test_checkpoint_has_per_expert_keys(case):
     """transformers 5 fuses experts in memory but save_pretrained writes HF's per-expert keys."""
-    from safetensors import safe_open
     import glob
     import os
+
+    from safetensors import safe_open
 
     _, model, path = case
     keys = set()
     for f in glob.glob(os.path.join(path, "*.safetensors")):
         with safe_open(f, "np") as s:
             keys |= set(s.keys())
-    sparse = [i for i in range(model.config.num_hidden_layers)
-              if i not in model.config.mlp_only_layers and (i + 1) % model.config.decoder_sparse_step == 0]
+    sparse = [
+        i
+        for i in range(model.config.num_hidden_layers)
+        if i not in model.config.mlp_only_layers and (i + 1) % model.config.decoder_sparse_step == 0
+    ]
     i = sparse[0]
     assert f"model.layers.{i}.mlp.experts.0.gate_proj.weight" in keys
     assert f"model.layers.{i}.mlp.shared_expert_gate.weight" in keys
@@ -119,6 +113,7 @@ def test_logits_router_logits_and_aux_loss_match_hf(case):
     ref = _hf_outputs(model, ids, mask)
     k = config.num_experts_per_tok
     for layer_logits in ref.router_logits:
+        # smallest gap measured: 2.3e-3 (k3-norm-step2); router-logit noise is ~1e-6 relative
         assert _min_topk_gap(layer_logits, k, mask) > 1e-3, f"{name}: router not decisive, parity would be luck"
     out = forward_outputs(config, params, ids, mask, output_router_logits=True)
     real = mask.astype(bool)
@@ -133,8 +128,11 @@ def test_logits_router_logits_and_aux_loss_match_hf(case):
     ours_aux = float(aux_loss(config, out, mask))
     assert abs(ours_aux - float(ref.aux_loss)) < AUX_TOL, (name, ours_aux, float(ref.aux_loss))
     # training adds router_aux_loss_coef * aux; HF's loss with labels does the same
-    np.testing.assert_allclose(float(moe_loss(config, out["router_logits"], mask)),
-                               config.router_aux_loss_coef * float(ref.aux_loss), rtol=1e-5)
+    np.testing.assert_allclose(
+        float(moe_loss(config, out["router_logits"], mask)),
+        config.router_aux_loss_coef * float(ref.aux_loss),
+        rtol=LOSS_RTOL,
+    )
     z = float(router_z_loss(out["router_logits"], mask))
     assert np.isfinite(z) and z > 0
 
@@ -157,8 +155,8 @@ def test_padding_never_changes_real_tokens(name, tmp_path_factory):
     padded = np.asarray(qwen2_jax.forward(config, params, ids, mask))
     for row in (1, 2):
         real = mask[row].astype(bool)
-        alone = np.asarray(qwen2_jax.forward(config, params, ids[row:row + 1, real]))[0]
-        np.testing.assert_allclose(padded[row, real], alone, rtol=0, atol=1e-5 * np.abs(alone).max())
+        alone = np.asarray(qwen2_jax.forward(config, params, ids[row : row + 1, real]))[0]
+        np.testing.assert_allclose(padded[row, real], alone, rtol=0, atol=BATCH_REL * np.abs(alone).max())
 
 
 @pytest.mark.parametrize("name", _some_slow({"k4-mlp-only"}))
@@ -169,22 +167,31 @@ def test_greedy_generation_equals_hf(name, tmp_path_factory):
     prompt = np.random.RandomState(5).randint(0, config.vocab_size, (1, 6))
     new = 8
     with torch.no_grad():
-        hf = model.generate(torch.as_tensor(prompt), attention_mask=torch.ones_like(torch.as_tensor(prompt)),
-                            max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+        hf = model.generate(
+            torch.as_tensor(prompt),
+            attention_mask=torch.ones_like(torch.as_tensor(prompt)),
+            max_new_tokens=new,
+            min_new_tokens=new,
+            do_sample=False,
+            pad_token_id=0,
+        )
     hf = hf.numpy()
-    hf_new = hf[0, prompt.shape[1]:]
+    hf_new = hf[0, prompt.shape[1] :]
     logits = np.asarray(qwen2_jax.forward(config, params, hf))
-    ours = logits[0, prompt.shape[1] - 1:-1].argmax(-1)
+    ours = logits[0, prompt.shape[1] - 1 : -1].argmax(-1)
     np.testing.assert_array_equal(ours, hf_new)
     if hasattr(qwen2_jax, "generate"):
         got = qwen2_jax.generate(config, params, [prompt[0].tolist()], new, temperature=0.0)
         assert list(got[0]) == hf_new.tolist()
 
 
-@pytest.mark.parametrize("name,axes", [
-    ("k2", dict(data=2, expert=4)),
-    pytest.param("k3-norm-step2", dict(fsdp=2, expert=2, tensor=2), marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    "name,axes",
+    [
+        ("k2", dict(data=2, expert=4)),
+        pytest.param("k3-norm-step2", dict(fsdp=2, expert=2, tensor=2), marks=pytest.mark.slow),
+    ],
+)
 def test_loaded_onto_an_expert_mesh_matches_hf(name, axes, tmp_path_factory):
     """load_checkpoint(mesh=...) shards experts over `expert`; the forward then runs expert-parallel."""
     from qwen2_jax.sharding import make_mesh
@@ -233,7 +240,9 @@ def test_forward_selects_moe_impl_and_exchange(tmp_path_factory):
         out = np.asarray(forward_outputs(config, params, ids, mask, options=RunOptions(moe_impl=impl))["logits"])
         assert rel_err(out[real], ref[real]) < TOL, impl
     _, sharded = qwen2_jax.load_checkpoint(path, mesh=make_mesh(data=2, expert=4))
-    out = np.asarray(forward_outputs(config, sharded, ids, mask, options=RunOptions(moe_exchange="ragged_all_to_all"))["logits"])
+    out = np.asarray(
+        forward_outputs(config, sharded, ids, mask, options=RunOptions(moe_exchange="ragged_all_to_all"))["logits"]
+    )
     assert rel_err(out[real], ref[real]) < TOL
     with pytest.raises(ValueError, match="unknown moe_impl 'fast'"):
         forward_outputs(config, params, ids, mask, options=RunOptions(moe_impl="fast"))

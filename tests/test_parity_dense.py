@@ -9,8 +9,9 @@ import pytest
 import qwen2_jax
 from hf_utils import hf_dense_config, hf_logits, make_hf_model, rel_err
 from qwen2_jax.forward import forward_outputs
+from tolerances import BATCH_REL, BF16_KL_RATIO, BLOCKED_ATTENTION_ATOL, PARITY_REL
 
-TOL = 1e-5  # the issue's bar is 1e-4; we hold ourselves to 1e-5
+TOL = PARITY_REL  # measured noise floor x margin: tests/tolerances.py (the issue's bar was 1e-4)
 
 CASES = {
     "mha-untied": dict(num_attention_heads=4, num_key_value_heads=4),
@@ -19,11 +20,13 @@ CASES = {
     "rope-linear": dict(rope_scaling={"rope_type": "linear", "factor": 2.0}),
     # max_position_embeddings below the sequence length, so the dynamic base actually grows
     "rope-dynamic": dict(max_position_embeddings=12, rope_scaling={"rope_type": "dynamic", "factor": 2.0}),
-    "rope-yarn": dict(max_position_embeddings=64, rope_theta=1e6,
-                      rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}),
+    "rope-yarn": dict(
+        max_position_embeddings=64,
+        rope_theta=1e6,
+        rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+    ),
     "sliding": dict(use_sliding_window=True, sliding_window=4, max_window_layers=1, num_hidden_layers=4),
-    "sliding-all-tied": dict(use_sliding_window=True, sliding_window=5, max_window_layers=0,
-                             tie_word_embeddings=True),
+    "sliding-all-tied": dict(use_sliding_window=True, sliding_window=5, max_window_layers=0, tie_word_embeddings=True),
 }
 SEQ = 20
 
@@ -70,13 +73,14 @@ def test_padding_never_changes_real_tokens(case):
     assert np.isfinite(batched).all(), "padding positions must not produce NaN/inf"
     for row in range(ids.shape[0]):
         real = mask[row].astype(bool)
-        alone = np.asarray(qwen2_jax.forward(config, params, ids[row:row + 1, real]))[0]
-        padded = np.asarray(qwen2_jax.forward(config, params, ids[row:row + 1], mask[row:row + 1]))[0]
-        np.testing.assert_allclose(padded[real], alone, rtol=0, atol=1e-5 * np.abs(alone).max())
+        alone = np.asarray(qwen2_jax.forward(config, params, ids[row : row + 1, real]))[0]
+        padded = np.asarray(qwen2_jax.forward(config, params, ids[row : row + 1], mask[row : row + 1]))[0]
+        np.testing.assert_allclose(padded[real], alone, rtol=0, atol=BATCH_REL * np.abs(alone).max())
         if config.rope_scaling.rope_type != "dynamic":
             # dynamic NTK scales by the longest row of the batch (as HF does), so only the others
             # are batch-invariant
-            np.testing.assert_allclose(batched[row, real], alone, rtol=0, atol=1e-5 * np.abs(alone).max())
+            # not batch-invariant in float32: XLA's accumulation order depends on the shapes (tolerances.py)
+            np.testing.assert_allclose(batched[row, real], alone, rtol=0, atol=BATCH_REL * np.abs(alone).max())
 
 
 def test_transformers_4x_config_spelling_loads_the_same(case, tmp_path):
@@ -109,8 +113,14 @@ def test_bfloat16_kl_against_hf_fp32(tmp_path, capsys):
     import torch
     from transformers import Qwen2ForCausalLM
 
-    hf_cfg = hf_dense_config(num_hidden_layers=4, hidden_size=128, intermediate_size=256, vocab_size=512,
-                             num_attention_heads=4, num_key_value_heads=2)
+    hf_cfg = hf_dense_config(
+        num_hidden_layers=4,
+        hidden_size=128,
+        intermediate_size=256,
+        vocab_size=512,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     model = make_hf_model(hf_cfg, seed=3)
     model.save_pretrained(tmp_path)
     ids, mask = _batch(hf_cfg.vocab_size, seed=3)
@@ -132,14 +142,17 @@ def test_bfloat16_kl_against_hf_fp32(tmp_path, capsys):
     kl_hf = kl(ref16[real].astype(np.float64), ref32[real].astype(np.float64))
     with capsys.disabled():
         print(f"\nKL(ours_bf16 || HF_fp32) = {kl_ours:.3e}   KL(HF_bf16 || HF_fp32) = {kl_hf:.3e}")
-    assert kl_ours < 2 * kl_hf + 1e-6
+    assert kl_ours < BF16_KL_RATIO * kl_hf + 1e-6
 
 
-@pytest.mark.parametrize("overrides", [
-    dict(num_attention_heads=4, num_key_value_heads=2),
-    # a window wider than one query block, on some layers only: windows cross block boundaries
-    dict(use_sliding_window=True, sliding_window=70, max_window_layers=1, num_hidden_layers=3),
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(num_attention_heads=4, num_key_value_heads=2),
+        # a window wider than one query block, on some layers only: windows cross block boundaries
+        dict(use_sliding_window=True, sliding_window=70, max_window_layers=1, num_hidden_layers=3),
+    ],
+)
 def test_long_sequences_match_hf(overrides, tmp_path):
     """Sequences longer than attention's causal query blocks (CPU runs queries in blocks of 64)."""
     model = make_hf_model(hf_dense_config(max_position_embeddings=512, **overrides), seed=11)
@@ -174,4 +187,6 @@ def test_blocked_attention_equals_one_block():
         blocked = attention_core(q, kk, v, mask, 0.25)
         whole = jax.nn.dot_product_attention(q, kk, v, mask=mask, scale=0.25)
         real = valid
-        np.testing.assert_allclose(np.asarray(blocked)[real], np.asarray(whole)[real], rtol=0, atol=1e-5)
+        np.testing.assert_allclose(
+            np.asarray(blocked)[real], np.asarray(whole)[real], rtol=0, atol=BLOCKED_ATTENTION_ATOL
+        )

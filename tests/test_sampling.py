@@ -10,8 +10,13 @@ from scipy import stats
 
 import qwen2_jax
 from hf_utils import hf_dense_config, hf_logits, make_hf_model
-from qwen2_jax.sampling import (SamplingParams, apply_repetition_penalty, load_generation_config, process_logits,
-                                select_tokens)
+from qwen2_jax.sampling import (
+    SamplingParams,
+    apply_repetition_penalty,
+    load_generation_config,
+    process_logits,
+    select_tokens,
+)
 
 
 def _hf_process(logits, input_ids=None, temperature=1.0, top_k=None, top_p=None, min_p=None, repetition_penalty=None):
@@ -43,15 +48,18 @@ def _ours_full(logits, sp: SamplingParams, seen=None):
     return full
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(temperature=0.7),
-    dict(temperature=1.0, top_k=7),
-    dict(temperature=1.3, top_p=0.6),
-    dict(temperature=0.5, top_k=40, top_p=0.8),
-    dict(temperature=1.0, min_p=0.05),
-    dict(temperature=0.9, top_k=20, top_p=0.8, min_p=0.1),
-    dict(temperature=1.0, top_k=1000),  # >= vocab: no-op, as HF clips it
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(temperature=0.7),
+        dict(temperature=1.0, top_k=7),
+        dict(temperature=1.3, top_p=0.6),
+        dict(temperature=0.5, top_k=40, top_p=0.8),
+        dict(temperature=1.0, min_p=0.05),
+        dict(temperature=0.9, top_k=20, top_p=0.8, min_p=0.1),
+        dict(temperature=1.0, top_k=1000),  # >= vocab: no-op, as HF clips it
+    ],
+)
 def test_warpers_equal_hf(kwargs):
     rng = np.random.RandomState(0)
     logits = (rng.randn(6, 1000) * 3).astype(np.float32)
@@ -83,11 +91,19 @@ def test_greedy_is_first_argmax():
     assert np.asarray(select_tokens(logits, sp.mode(4), sp.values())).tolist() == [1, 0]
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(temperature=-1.0), "temperature"), (dict(temperature=float("nan")), "temperature"),
-    (dict(top_p=0.0), "top_p"), (dict(top_p=1.01), "top_p"), (dict(top_k=-3), "top_k"), (dict(top_k=2.5), "top_k"),
-    (dict(min_p=-0.1), "min_p"), (dict(repetition_penalty=-1.0), "repetition_penalty"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(temperature=-1.0), "temperature"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.01), "top_p"),
+        (dict(top_k=-3), "top_k"),
+        (dict(top_k=2.5), "top_k"),
+        (dict(min_p=-0.1), "min_p"),
+        (dict(repetition_penalty=-1.0), "repetition_penalty"),
+    ],
+)
 def test_invalid_values_raise(kwargs, match):
     with pytest.raises(ValueError, match=match) as err:
         SamplingParams(**kwargs)
@@ -103,11 +119,14 @@ def tiny(tmp_path_factory):
     return model, config, params
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(temperature=1.0),
-    dict(temperature=0.7, top_k=40, top_p=0.9),
-    pytest.param(dict(temperature=1.2, top_p=0.8, min_p=0.02), marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(temperature=1.0),
+        dict(temperature=0.7, top_k=40, top_p=0.9),
+        pytest.param(dict(temperature=1.2, top_p=0.8, min_p=0.02), marks=pytest.mark.slow),
+    ],
+)
 def test_first_token_distribution_matches_hf_softmax(tiny, kwargs):
     """Chi-square of 4096 first-token draws (one batched call) against softmax(HF processors(HF logits))."""
     model, config, params = tiny
@@ -133,13 +152,26 @@ def test_first_token_distribution_matches_hf_softmax(tiny, kwargs):
 
 def test_generation_config_defaults(tmp_path):
     assert load_generation_config(tmp_path) == {}
-    (tmp_path / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": 151643, "pad_token_id": 151643, "do_sample": True, "eos_token_id": [151645, 151643],
-         "repetition_penalty": 1.05, "temperature": 0.7, "top_p": 0.8, "top_k": 20}))
+    (tmp_path / "generation_config.json").write_text(
+        json.dumps(
+            {
+                "bos_token_id": 151643,
+                "pad_token_id": 151643,
+                "do_sample": True,
+                "eos_token_id": [151645, 151643],
+                "repetition_penalty": 1.05,
+                "temperature": 0.7,
+                "top_p": 0.8,
+                "top_k": 20,
+            }
+        )
+    )
     assert load_generation_config(tmp_path) == dict(
-        eos_token_ids=[151645, 151643], repetition_penalty=1.05, temperature=0.7, top_p=0.8, top_k=20)
-    (tmp_path / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": 151643, "do_sample": False, "eos_token_id": 151643, "max_new_tokens": 2048}))
+        eos_token_ids=[151645, 151643], repetition_penalty=1.05, temperature=0.7, top_p=0.8, top_k=20
+    )
+    (tmp_path / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": 151643, "do_sample": False, "eos_token_id": 151643, "max_new_tokens": 2048})
+    )
     assert load_generation_config(tmp_path) == dict(eos_token_ids=[151643], max_new_tokens=2048, temperature=0.0)
     (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": True}))
     assert load_generation_config(tmp_path) == dict(temperature=1.0, top_k=50, top_p=1.0)

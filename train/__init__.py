@@ -1,1 +1,2 @@
-"""Training pieces for qwen2-jax. `train.loss`: the causal-LM objective, HF-exact, MoE aux loss included."""
+"""qwen2-train: training for qwen2-jax. `train.loss` is the HF-exact objective; `train.cli` the command
+(config parsing in `train.config`, model and shardings in `train.model_setup`, the loop in `train.loop`)."""

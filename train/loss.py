@@ -43,17 +43,24 @@ def next_token_cross_entropy(logits_btv, labels_bt, attention_mask_bt=None):
     counts it, depends on how padding rows happen to be masked. Returned as a sum and a count so
     gradient accumulation and data parallelism can average over all tokens of the global batch."""
     shifted_bt = jnp.concatenate(
-        [labels_bt[:, 1:], jnp.full((labels_bt.shape[0], 1), IGNORE_INDEX, labels_bt.dtype)], axis=1)
+        [labels_bt[:, 1:], jnp.full((labels_bt.shape[0], 1), IGNORE_INDEX, labels_bt.dtype)], axis=1
+    )
     valid_bt = shifted_bt != IGNORE_INDEX
     if attention_mask_bt is not None:
         valid_bt = valid_bt & attention_mask_bt.astype(bool)
     token_loss_bt = optax.softmax_cross_entropy_with_integer_labels(
-        logits_btv.astype(jnp.float32), jnp.where(valid_bt, shifted_bt, 0))
+        logits_btv.astype(jnp.float32), jnp.where(valid_bt, shifted_bt, 0)
+    )
     return jnp.sum(jnp.where(valid_bt, token_loss_bt, 0.0)), jnp.sum(valid_bt).astype(jnp.float32)
 
 
-def make_loss_fn(config: Qwen2Config, options: RunOptions | None = None, *, z_loss_coef: float = 0.0,
-                 aux_loss_coef: float | None = None):
+def make_loss_fn(
+    config: Qwen2Config,
+    options: RunOptions | None = None,
+    *,
+    z_loss_coef: float = 0.0,
+    aux_loss_coef: float | None = None,
+):
     """A pure `loss_fn(params, batch) -> (loss, metrics)`; `options` says how the model runs (compute
     and param dtype, remat, MoE kernels, sharding; default: float32 on one device).
 
@@ -72,9 +79,12 @@ def make_loss_fn(config: Qwen2Config, options: RunOptions | None = None, *, z_lo
         mask_bt = batch.get("attention_mask")
         mask_bt = jnp.ones_like(input_ids_bt) if mask_bt is None else jnp.asarray(mask_bt, jnp.int32)
         labels_bt = batch.get("labels")
-        labels_bt = labels_from_inputs(input_ids_bt, mask_bt) if labels_bt is None else jnp.asarray(labels_bt, jnp.int32)
-        out = model.apply({"params": params}, input_ids_bt, positions_from_mask(mask_bt), mask_bt,
-                          output_router_logits=is_moe)
+        labels_bt = (
+            labels_from_inputs(input_ids_bt, mask_bt) if labels_bt is None else jnp.asarray(labels_bt, jnp.int32)
+        )
+        out = model.apply(
+            {"params": params}, input_ids_bt, positions_from_mask(mask_bt), mask_bt, output_router_logits=is_moe
+        )
         loss_sum, tokens = next_token_cross_entropy(out["logits"], labels_bt, mask_bt)
         lm_loss = loss_sum / jnp.maximum(tokens, 1.0)
         metrics = {"lm_loss": lm_loss, "tokens": tokens}
@@ -99,8 +109,17 @@ def _loss(params, batch, *, config, options, z_loss_coef, aux_loss_coef, with_gr
     return jax.value_and_grad(fn, has_aux=True)(params, batch) if with_grad else fn(params, batch)
 
 
-def causal_lm_loss(config: Qwen2Config, params, input_ids, attention_mask=None, labels=None, *,
-                   z_loss_coef: float = 0.0, aux_loss_coef: float | None = None, with_grad: bool = False):
+def causal_lm_loss(
+    config: Qwen2Config,
+    params,
+    input_ids,
+    attention_mask=None,
+    labels=None,
+    *,
+    z_loss_coef: float = 0.0,
+    aux_loss_coef: float | None = None,
+    with_grad: bool = False,
+):
     """Loss and metrics of one batch (and gradients with `with_grad=True`: ((loss, metrics), grads)).
 
     Equals transformers' `model(input_ids, attention_mask=..., position_ids=cumsum(mask) - 1, labels=labels,
@@ -109,5 +128,12 @@ def causal_lm_loss(config: Qwen2Config, params, input_ids, attention_mask=None, 
     never count (HF counts the one before the first real token of a left-padded row)."""
     batch = validated_batch(config, input_ids, attention_mask=attention_mask, labels=labels)
     options = RunOptions().for_params(params, sharding_of(params))
-    return _loss(params, batch, config=config, options=options, z_loss_coef=float(z_loss_coef),
-                 aux_loss_coef=aux_loss_coef, with_grad=with_grad)
+    return _loss(
+        params,
+        batch,
+        config=config,
+        options=options,
+        z_loss_coef=float(z_loss_coef),
+        aux_loss_coef=aux_loss_coef,
+        with_grad=with_grad,
+    )

@@ -1,0 +1,107 @@
+"""From the data pipeline's per-process numpy batches to global, sharded jax.Arrays.
+
+Every process reads only its share of each global batch (`global_batch // process_count` rows) and
+contributes it to one global array with `jax.make_array_from_process_local_data`: no process ever
+holds the whole batch on its devices. `Corpus` is the one place that calls the data pipeline
+(`train.data`); tests pass any object with the same two methods.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+
+from qwen2_jax.cli_support import UsageError
+from train.config import DataConfig
+
+
+class StatefulIterator(Protocol):
+    def __next__(self) -> dict[str, np.ndarray]: ...
+    def get_state(self) -> Any: ...
+    def set_state(self, state: Any) -> None: ...
+
+
+class DataProvider(Protocol):
+    def train_iterator(
+        self, *, global_batch_size: int, seed: int, process_index: int, process_count: int
+    ) -> StatefulIterator: ...
+
+    def eval_iterator(
+        self, *, global_batch_size: int, process_index: int, process_count: int
+    ) -> Iterator[dict[str, np.ndarray]]: ...
+
+
+class CorpusError(UsageError, ValueError):
+    """Sources that cannot be prepared (unsupported file, empty directory): bad input, exit status 2."""
+
+
+class Corpus:
+    """The tokenized corpus of `data.sources` (the built-in real-text corpus when empty), prepared on
+    first use into `<data.cache_dir>/prepared/<name>` and reused afterwards. The name carries the
+    sources, seq_len and split options, so runs with other settings never overwrite each other."""
+
+    def __init__(self, cfg: DataConfig, seq_len: int, *, progress: bool = True):
+        from train import data
+
+        cache_dir = os.path.expanduser(cfg.cache_dir)
+        sources = [os.path.abspath(os.path.expanduser(s)) for s in cfg.sources]
+        for source in sources:
+            if not os.path.exists(source):
+                raise FileNotFoundError(f"corpus not found: {source}")
+        try:
+            if not sources:
+                sources = [str(p) for p in data.default_corpus_sources(cache_dir)]
+            options = {
+                "sources": sources,
+                "seq_len": seq_len,
+                "text_key": cfg.text_key,
+                "eval_sequences": cfg.eval_sequences,
+            }
+            digest = hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:12]
+            label = os.path.splitext(os.path.basename(sources[0]))[0] if len(sources) == 1 else "corpus"
+            self.data_dir = os.path.join(cache_dir, "prepared", f"{label}-{seq_len}-{digest}")
+            kwargs = {"eval_sequences": cfg.eval_sequences} if cfg.eval_sequences is not None else {}
+            data.ensure_prepared(
+                sources, self.data_dir, seq_len=seq_len, text_key=cfg.text_key, progress=progress, **kwargs
+            )
+        except ValueError as e:
+            raise CorpusError(f"corpus: {e}") from None
+        self._data = data
+
+    def train_iterator(self, *, global_batch_size, seed, process_index, process_count):
+        return self._data.make_train_iterator(
+            self.data_dir,
+            global_batch_size=global_batch_size,
+            seed=seed,
+            process_index=process_index,
+            process_count=process_count,
+        )
+
+    def eval_iterator(self, *, global_batch_size, process_index, process_count):
+        return iter(
+            self._data.make_eval_iterator(
+                self.data_dir,
+                global_batch_size=global_batch_size,
+                process_index=process_index,
+                process_count=process_count,
+            )
+        )
+
+
+def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding, global_batch_size: int) -> dict[str, jax.Array]:
+    """One global array per field from this process's rows (the rows of its addressable devices)."""
+    out = {}
+    for name, rows in local.items():
+        rows = np.asarray(rows)
+        if name in ("input_ids", "labels", "attention_mask"):
+            rows = rows.astype(np.int32, copy=False)
+        shape = (global_batch_size,) + rows.shape[1:]
+        out[name] = jax.make_array_from_process_local_data(sharding, rows, shape)
+    return out

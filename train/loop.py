@@ -1,0 +1,290 @@
+"""The training run: set up (or resume) the state, then step, log, evaluate and checkpoint until done.
+
+Rerunning the same command on the same output_dir continues from the latest checkpoint, with the data
+iterator where it was, so the resumed run logs the same losses as an unbroken one. SIGTERM lets the
+current step finish, saves, and returns normally. A non-finite loss or gradient stops the run before
+anything is saved, so the last checkpoint on disk is the last good state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qwen2_jax.cli_support import UsageError
+from train import model_setup as ms
+from train.batches import Corpus, DataProvider, global_batch
+from train.checkpointing import CheckpointStore
+from train.config import TrainConfig
+from train.metrics import MetricsLogger, peak_flops_per_device, perplexity
+from train.objective import Objective
+from train.optimizer import make_optimizer
+from train.train_step import (
+    TrainState,
+    abstract_state,
+    jit_eval_step,
+    jit_train_step,
+    make_eval_step,
+    make_train_step,
+    new_state,
+    state_shardings,
+)
+
+
+class NonFiniteError(RuntimeError):
+    """A non-finite loss or gradient norm."""
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything built from the config before the first step."""
+
+    config: TrainConfig
+    setup: ms.ModelSetup
+    tx: Any
+    schedule: Any
+    shardings: TrainState
+    batch_sharding: Any
+    replicated: Any
+    train_step: Any
+    eval_step: Any
+    source: ms.ModelSource
+
+    @property
+    def mesh(self):
+        return self.setup.mesh
+
+    def abstract_batch(self, rows: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+        rows = self.config.batch_size if rows is None else rows
+        return {"input_ids": jax.ShapeDtypeStruct((rows, self.config.seq_len), jnp.int32, sharding=self.batch_sharding)}
+
+    def abstract_state(self) -> TrainState:
+        return jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            abstract_state(self.setup, self.tx),
+            self.shardings,
+        )
+
+    def compile_train_step(self):
+        return self.train_step.lower(self.abstract_state(), self.abstract_batch()).compile()
+
+
+def build_run(config: TrainConfig) -> Run:
+    """Mesh, model, optimizer and the jitted steps; raises UsageError for a mesh or batch that does not fit."""
+    source = ms.resolve_model(config.model, config.model_overrides)
+    try:
+        mesh = ms.build_mesh(dataclasses.asdict(config.mesh))
+    except ms.ShardingError as e:
+        raise UsageError(f"mesh: {e}") from None
+    ways = ms.batch_axes_size(mesh)
+    if config.micro_batch_size % ways:
+        micro = (
+            f" (micro-batch {config.micro_batch_size} of grad_accum_steps {config.grad_accum_steps})"
+            if config.grad_accum_steps > 1
+            else ""
+        )
+        raise UsageError(
+            f"batch_size {config.batch_size}{micro} is not divisible by the data-parallel mesh axes "
+            f"(data x fsdp x expert = {ways})"
+        )
+    if config.batch_size % jax.process_count():
+        raise UsageError(f"batch_size {config.batch_size} is not divisible by the {jax.process_count()} processes")
+    setup = ms.ModelSetup(
+        source.config,
+        mesh,
+        dtype=config.dtype,
+        param_dtype=config.param_dtype,
+        remat=config.remat,
+        scan_unroll=config.scan_unroll,
+        moe_impl=config.moe_impl,
+        moe_exchange=config.moe_exchange,
+    )
+    tx, schedule = make_optimizer(config.optimizer, config.total_steps)
+    replicated = ms.replicated(mesh)
+    shardings = state_shardings(setup, tx, replicated)
+    batch_sharding = ms.batch_sharding(mesh)
+    objective = Objective(setup, config.loss)
+    # one sharding for every field of a batch (input_ids, and attention_mask in held-out batches)
+    train_step = jit_train_step(
+        make_train_step(objective, tx, schedule, config.grad_accum_steps), shardings, batch_sharding, replicated
+    )
+    eval_step = jit_eval_step(make_eval_step(objective), shardings.params, batch_sharding, replicated)
+    return Run(config, setup, tx, schedule, shardings, batch_sharding, replicated, train_step, eval_step, source)
+
+
+class _StopFlag:
+    """Set by SIGTERM: the loop finishes the current step, saves and returns."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def train(config: TrainConfig, data: DataProvider | None = None, log=print) -> dict[str, Any]:
+    """Run (or continue) training to config.total_steps. Returns a summary: final step, last metrics,
+    whether it stopped early on SIGTERM."""
+    start_time = time.perf_counter()
+    run = build_run(config)
+    data = data if data is not None else Corpus(config.data, config.seq_len, progress=config.progress)
+    store = CheckpointStore(config.output_dir, keep=config.keep_checkpoints, async_saves=config.async_checkpoints)
+    try:
+        return _train(run, data, store, start_time, log)
+    finally:
+        store.close()
+
+
+def _train(run: Run, data: DataProvider, store: CheckpointStore, start_time: float, log) -> dict[str, Any]:
+    config, setup = run.config, run.setup
+    process_index, process_count = jax.process_index(), jax.process_count()
+    local_rows = config.batch_size // process_count
+    train_iter = data.train_iterator(
+        global_batch_size=config.batch_size, seed=config.seed, process_index=process_index, process_count=process_count
+    )
+    if process_index == 0:
+        setup.write_checkpoint_files(store.directory, source=f"qwen2-train {config.model}")
+
+    resume_step = store.latest_step()
+    elapsed_before = 0.0
+    if resume_step is not None:
+        state, meta = store.restore(resume_step, abstract_state(setup, run.tx), run.shardings)
+        train_iter.set_state(meta["data"])
+        elapsed_before = float(meta.get("elapsed", 0.0))
+        log(f"qwen2-train: resuming {config.output_dir} from step {resume_step}")
+    else:
+        source = run.source
+        params = setup.load_params(source.checkpoint) if source.checkpoint else setup.init_params(config.seed)
+        state = new_state(params, run.tx, config.seed, run.shardings)
+    step = int(jax.device_get(state.step))
+
+    n_params = sum(math.prod(a.shape) for a in jax.tree.leaves(setup.abstract_params()))
+    log(
+        f"qwen2-train: {config.model} ({_count(n_params)} params) on mesh "
+        f"{' x '.join(f'{k}={v}' for k, v in run.mesh.shape.items())}, {config.batch_size} x {config.seq_len} "
+        f"tokens per step, steps {step}..{config.total_steps}"
+    )
+    compiled_step = run.compile_train_step()
+    logger = MetricsLogger(
+        config.output_dir,
+        total_steps=config.total_steps,
+        resume_step=resume_step,
+        enabled=process_index == 0,
+        progress=config.progress,
+    )
+    tokens_per_step = config.batch_size * config.seq_len
+    flops_per_token = ms.flops_per_token(setup.config, config.seq_len)
+    peak = peak_flops_per_device(jax.devices()[0].device_kind)
+    last_metrics: dict[str, Any] = {}
+    stopped_early = False
+
+    def checkpoint(wait=False):
+        meta = {
+            "data": train_iter.get_state(),
+            "elapsed": elapsed_before + time.perf_counter() - start_time,
+            "config": config.to_dict(),
+        }
+        store.save(state, meta, wait=wait)
+
+    try:
+        with _StopFlag() as stop:
+            interval_start, interval_steps = time.perf_counter(), 0
+            while step < config.total_steps:
+                local = next(train_iter)
+                if local["input_ids"].shape != (local_rows, config.seq_len):
+                    raise ValueError(
+                        f"data pipeline gave a batch of shape {local['input_ids'].shape}, "
+                        f"expected {(local_rows, config.seq_len)}"
+                    )
+                batch = global_batch(local, run.batch_sharding, config.batch_size)
+                state, metrics = compiled_step(state, batch)
+                step += 1
+                interval_steps += 1
+                if not bool(metrics["finite"]):
+                    loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+                    raise NonFiniteError(
+                        f"non-finite {'loss' if not np.isfinite(loss) else 'gradient'} at step "
+                        f"{step} (loss {loss}, grad_norm {grad_norm}); last good checkpoint: "
+                        f"{_describe(store.latest_step())}"
+                    )
+                do_eval = config.eval_every and step % config.eval_every == 0
+                if step % config.log_every == 0 or do_eval or step == config.total_steps:
+                    now = time.perf_counter()
+                    record = _train_record(metrics, tokens_per_step * interval_steps / (now - interval_start))
+                    record["elapsed"] = elapsed_before + now - start_time
+                    if peak is not None:
+                        record["mfu"] = record["tokens_per_second"] * flops_per_token / (peak * jax.device_count())
+                    if do_eval:
+                        record.update(evaluate(run, data, state.params))
+                    logger.log(step, record)
+                    last_metrics = record
+                    interval_start, interval_steps = time.perf_counter(), 0
+                if stop.requested:
+                    checkpoint(wait=True)
+                    stopped_early = step < config.total_steps
+                    log(f"qwen2-train: SIGTERM: saved step {step}, stopping")
+                    break
+                if step % config.checkpoint_every == 0 or step == config.total_steps:
+                    save_start = time.perf_counter()
+                    checkpoint()
+                    interval_start += time.perf_counter() - save_start  # throughput counts training only
+            store.wait()
+    finally:
+        logger.close()
+        if hasattr(train_iter, "close"):
+            train_iter.close()  # the pipeline's prefetch threads
+    return {"step": step, "metrics": last_metrics, "stopped_early": stopped_early}
+
+
+def _train_record(metrics, tokens_per_second: float) -> dict[str, Any]:
+    host = jax.device_get(metrics)
+    record = {
+        "loss": float(host["loss"]),
+        "learning_rate": float(host["learning_rate"]),
+        "grad_norm": float(host["grad_norm"]),
+        "tokens_per_second": tokens_per_second,
+    }
+    for key in ("aux_loss", "z_loss"):
+        if key in host:
+            record[key] = float(host[key])
+    return record
+
+
+def evaluate(run: Run, data: DataProvider, params) -> dict[str, float]:
+    """Mean token loss and perplexity over eval_batches batches of the held-out split (from its start)."""
+    config = run.config
+    it = data.eval_iterator(
+        global_batch_size=config.batch_size, process_index=jax.process_index(), process_count=jax.process_count()
+    )
+    loss_sum, tokens = 0.0, 0.0
+    for i, local in enumerate(it):
+        if config.eval_batches and i >= config.eval_batches:
+            break
+        s, n = run.eval_step(params, global_batch(local, run.batch_sharding, config.batch_size))
+        loss_sum += float(s)
+        tokens += float(n)
+    mean = loss_sum / max(tokens, 1.0)
+    return {"eval_loss": mean, "eval_perplexity": perplexity(mean), "eval_tokens": tokens}
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n / 1e3:.1f}K"
+
+
+def _describe(step):
+    return "none" if step is None else f"step {step}"
