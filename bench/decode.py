@@ -1,6 +1,8 @@
 """Decode speed: our jitted generate against HF transformers (PyTorch) on the same machine, in one run.
 
     .venv/bin/python bench/decode.py                                  # Qwen2-0.5B shapes, fp32, CPU
+    .venv/bin/python bench/decode.py --dtype bfloat16                 # both sides in bfloat16
+    .venv/bin/python bench/decode.py --dtype bfloat16 --quantize int8 # + ours with int8 kernels
     .venv/bin/python bench/decode.py --preset qwen2-1.5b --dtype bfloat16 --no-hf   # on a GPU
 
 Random weights of the preset's shapes; 32-token prompts, 32 new tokens, greedy, no early stop, batch
@@ -11,7 +13,10 @@ trust); the best of the repeats is reported. HF runs `model.generate` with torch
 Reported per batch size: end-to-end tokens/s (prefill + 32 steps, as HF generate measures), the
 decode-only time per step ((t(32 new) - t(1 new)) / 31), and at batch 1 the fraction of the memory
 roofline: (weight bytes read per step / measured read bandwidth) / measured step time. The read
-bandwidth is the best of a jitted matvec over a 512 MiB matrix and a sum over a 1 GiB array.
+bandwidth is the best of a jitted float32 matvec over a 512 MiB matrix and a sum over a 1 GiB array;
+the roofline counts the bytes of the weights as our generator holds them (bfloat16: 2 bytes a
+weight; int8: 1, plus the scales). `--quantize int8` adds a generator with int8 kernels (HF and our
+float generator stay in --dtype) and prints its speed over our float one, per repeat.
 `--layer-layouts per_layer,stacked` also times the nn.scan layer loop (the checkpoint layout as is).
 """
 
@@ -32,6 +37,7 @@ def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="qwen2-0.5b")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--quantize", default=None, choices=["int8"], help="also time ours with int8 kernels")
     p.add_argument("--batch-sizes", default="1,8")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=32)
@@ -52,13 +58,13 @@ def best_time(fn, repeats):
     return min(times)
 
 
-def read_bandwidth(dtype) -> float:
+def read_bandwidth() -> float:
     import jax
     import jax.numpy as jnp
 
     results = []
-    w = jnp.asarray(np.random.RandomState(0).randn(32768, 4096).astype(np.float32)).astype(dtype)  # 512 MiB fp32
-    x = jnp.ones((4096,), dtype)
+    w = jnp.asarray(np.random.RandomState(0).randn(32768, 4096).astype(np.float32))  # 512 MiB
+    x = jnp.ones((4096,), jnp.float32)
     matvec = jax.jit(lambda w, x: w @ x)
     matvec(w, x).block_until_ready()
     results.append(w.nbytes / best_time(lambda w=w: matvec(w, x).block_until_ready(), 10))
@@ -70,12 +76,15 @@ def read_bandwidth(dtype) -> float:
     return max(results)
 
 
-def weight_bytes_per_step(config, params_bytes, embed_bytes, batch) -> float:
-    """Bytes of weights one decode step reads: everything, except that an untied embedding is only
-    gathered (batch rows), not read whole."""
-    if config.tie_word_embeddings:
-        return params_bytes
-    return params_bytes - embed_bytes + batch * embed_bytes / config.vocab_size
+def weight_bytes_per_step(config, params) -> float:
+    """Bytes of weights one decode step reads: every leaf, except that an embedding which is not also
+    the LM head (untied, or an int8 head beside it) is only gathered (a few rows), not read whole."""
+    import jax
+
+    total = sum(x.nbytes for x in jax.tree.leaves(params))
+    if config.tie_word_embeddings and "lm_head_int8" not in params:
+        return total
+    return total - params["embed_tokens"].nbytes
 
 
 def hf_model(config, dtype, threads):
@@ -111,14 +120,12 @@ def main(argv=None):
         flush=True,
     )
 
-    bw = read_bandwidth(dtype)
+    bw = read_bandwidth()
     print(f"measured read bandwidth: {bw / 1e9:.1f} GB/s", flush=True)
 
     rng = np.random.RandomState(0)
     prompts = {b: [rng.randint(0, 150000, args.prompt_len).tolist() for _ in range(b)] for b in batches}
     params = init_params(config, jax.random.key(0), param_dtype=dtype)
-    params_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
-    embed_bytes = params["embed_tokens"].nbytes
     hf = None if args.no_hf else hf_model(config, args.dtype, args.threads)
 
     def ours(generator, b, n):
@@ -147,55 +154,75 @@ def main(argv=None):
         "device": f"{device.platform} {device.device_kind}",
         "preset": args.preset,
         "dtype": args.dtype,
+        "quantize": args.quantize,
         "read_bandwidth_gbs": bw / 1e9,
         "rows": [],
     }
     n = args.new_tokens
-    # the stacked generator runs the checkpoint params as they are; per_layer then moves them
+    # the stacked generator runs the checkpoint params as they are; per_layer then moves them (the
+    # int8 generator, made first, quantizes a copy)
     for mode in ["stacked"] + [m for m in modes if m != "stacked"] if "stacked" in modes else modes:
-        generator = Generator(config, params, layer_layout=mode, consume=mode == "per_layer")
+        generators = {}
+        if args.quantize:
+            generators[f"{mode} {args.quantize}"] = Generator(config, params, layer_layout=mode, quantize=args.quantize)
+        generators[mode] = Generator(config, params, layer_layout=mode, consume=mode == "per_layer")
+        generators = dict(reversed(generators.items()))  # float first
         for b in batches:
-            full, one = ours(generator, b, n), ours(generator, b, 1)
-            full(), one()  # compile + warm up
+            runs = {label: (ours(g, b, n), ours(g, b, 1)) for label, g in generators.items()}
             if hf is not None:
-                theirs(b, n)(), theirs(b, 1)()
-            t_ours, t_ours1, t_hf, t_hf1 = [], [], [], []
+                runs["HF"] = (theirs(b, n), theirs(b, 1))
+            for full, one in runs.values():
+                full(), one()  # compile + warm up
+            times = {label: ([], []) for label in runs}
             for _ in range(args.repeats):  # interleaved
-                t_ours.append(best_time(full, 1))
-                t_ours1.append(best_time(one, 1))
+                for label, (full, one) in runs.items():
+                    times[label][0].append(best_time(full, 1))
+                    times[label][1].append(best_time(one, 1))
+            float_label = mode
+            for label, generator in generators.items():
+                t_full, t_one = times[label]
+                row = {
+                    "layer_layout": mode,
+                    "variant": label,
+                    "batch": b,
+                    "ours_s": min(t_full),
+                    "ours_s_per_repeat": t_full,
+                    "ours_tok_s": b * n / min(t_full),
+                    "ours_step_ms": 1e3 * (min(t_full) - min(t_one)) / (n - 1),
+                    "weight_bytes_per_step": weight_bytes_per_step(config, generator.params),
+                }
+                step_s = row["ours_step_ms"] / 1e3
+                row["ours_roofline_fraction"] = row["weight_bytes_per_step"] / bw / step_s
+                line = (
+                    f"[{label:14s}] batch {b}: ours {row['ours_tok_s']:7.2f} tok/s (decode {row['ours_step_ms']:.1f} "
+                    f"ms/step, {100 * row['ours_roofline_fraction']:.0f}% of roofline)"
+                )
                 if hf is not None:
-                    t_hf.append(best_time(theirs(b, n), 1))
-                    t_hf1.append(best_time(theirs(b, 1), 1))
-            row = {
-                "layer_layout": mode,
-                "batch": b,
-                "ours_s": min(t_ours),
-                "ours_tok_s": b * n / min(t_ours),
-                "ours_step_ms": 1e3 * (min(t_ours) - min(t_ours1)) / (n - 1),
-            }
-            step_s = row["ours_step_ms"] / 1e3
-            row["ours_roofline_fraction"] = weight_bytes_per_step(config, params_bytes, embed_bytes, b) / bw / step_s
-            if hf is not None:
-                row.update(
-                    hf_s=min(t_hf),
-                    hf_tok_s=b * n / min(t_hf),
-                    hf_step_ms=1e3 * (min(t_hf) - min(t_hf1)) / (n - 1),
-                    speedup=min(t_hf) / min(t_ours),
-                    speedup_per_repeat=[h / o for h, o in zip(t_hf, t_ours)],
-                )
-            results["rows"].append(row)
-            line = (
-                f"[{mode:9s}] batch {b}: ours {row['ours_tok_s']:7.2f} tok/s (decode {row['ours_step_ms']:.1f} "
-                f"ms/step, {100 * row['ours_roofline_fraction']:.0f}% of roofline)"
-            )
-            if hf is not None:
-                line += (
-                    f" | HF {row['hf_tok_s']:7.2f} tok/s (decode {row['hf_step_ms']:.1f} ms/step) | "
-                    f"speedup {row['speedup']:.2f}x (per repeat: "
-                    + ", ".join(f"{s:.2f}" for s in row["speedup_per_repeat"])
-                    + ")"
-                )
-            print(line, flush=True)
+                    t_hf, t_hf1 = times["HF"]
+                    row.update(
+                        hf_s=min(t_hf),
+                        hf_tok_s=b * n / min(t_hf),
+                        hf_step_ms=1e3 * (min(t_hf) - min(t_hf1)) / (n - 1),
+                        speedup=min(t_hf) / min(t_full),
+                        speedup_per_repeat=[h / o for h, o in zip(t_hf, t_full)],
+                    )
+                    line += (
+                        f" | HF {row['hf_tok_s']:7.2f} tok/s (decode {row['hf_step_ms']:.1f} ms/step) | "
+                        f"speedup {row['speedup']:.2f}x (per repeat: "
+                        + ", ".join(f"{s:.2f}" for s in row["speedup_per_repeat"])
+                        + ")"
+                    )
+                if label != float_label:
+                    t_float = times[float_label][0]
+                    row["over_float"] = min(t_float) / min(t_full)
+                    row["over_float_per_repeat"] = [f / q for f, q in zip(t_float, t_full)]
+                    line += (
+                        f" | over ours {args.dtype} {row['over_float']:.2f}x (per repeat: "
+                        + ", ".join(f"{s:.2f}" for s in row["over_float_per_repeat"])
+                        + ")"
+                    )
+                results["rows"].append(row)
+                print(line, flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

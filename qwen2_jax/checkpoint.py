@@ -19,7 +19,9 @@ from qwen2_jax import orbax_checkpoint
 from qwen2_jax.config import ConfigError, Qwen2Config
 from qwen2_jax.dtypes import parse_dtype
 from qwen2_jax.hf_keys import Entry, hf_table, is_ignored, leaf_shapes
+from qwen2_jax.matmul import check_quantize
 from qwen2_jax.params import param_shardings
+from qwen2_jax.quantize import quantize_params
 from qwen2_jax.safetensors_io import CheckpointError, SafetensorsDir
 
 
@@ -42,19 +44,28 @@ def is_hf_dir(path: str) -> bool:
     )
 
 
-def load_checkpoint(path: str | os.PathLike, dtype=None, mesh: Mesh | None = None) -> tuple[Qwen2Config, Any]:
+def load_checkpoint(
+    path: str | os.PathLike, dtype=None, mesh: Mesh | None = None, quantize: str | None = None
+) -> tuple[Qwen2Config, Any]:
     """(config, params) from an Orbax checkpoint written by qwen2-convert or training, or an HF dir.
 
     dtype: None keeps the stored dtype; "float32", "bfloat16" or "float16" converts (round to nearest
-    even). mesh: place every parameter straight into its sharding on this mesh.
+    even). mesh: place every parameter straight into its sharding on this mesh. quantize: None, or
+    "int8": attention, MLP and LM-head matrices become int8 with one float32 scale per output channel
+    (`qwen2_jax.quantize`; embeddings and norms keep `dtype`), for generation and `forward`.
     """
     path = os.fspath(path)
+    check_quantize(quantize)
     require_checkpoint_dir(path)
     target_dtype = parse_dtype(dtype) if dtype is not None else None
     if orbax_checkpoint.is_orbax_checkpoint(path):
-        return orbax_checkpoint.restore(path, dtype=target_dtype, mesh=mesh)
-    require_checkpoint_dir(path, config_hint=" (not an HF checkpoint) and no Orbax checkpoint")
-    return load_hf(path, target_dtype, mesh)
+        config, params = orbax_checkpoint.restore(path, dtype=target_dtype, mesh=mesh)
+    else:
+        require_checkpoint_dir(path, config_hint=" (not an HF checkpoint) and no Orbax checkpoint")
+        config, params = load_hf(path, target_dtype, mesh)
+    if quantize is not None:
+        params = quantize_params(config, params, quantize=quantize, consume=True)
+    return config, params
 
 
 def check_hf_tensors(config: Qwen2Config, tensors: SafetensorsDir) -> list[Entry]:

@@ -2,6 +2,7 @@
 
     qwen2-generate --checkpoint DIR (--prompt TEXT | --prompt-ids 1,2,3 | --chat)
                    [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S] [--json]
+                   [--dtype bfloat16] [--quantize int8]
 
 Sampling defaults come from the checkpoint's generation_config.json (as HF's generate uses them);
 flags override them. Exit codes: 0 success, 2 bad input or usage (one line on stderr), 1 otherwise.
@@ -55,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["float32", "bfloat16", "float16"],
         default=None,
         help="convert the weights on load (default: keep the stored dtype)",
+    )
+    p.add_argument(
+        "--quantize",
+        choices=["int8"],
+        default=None,
+        help="int8: attention, MLP and LM-head matrices as int8, one scale per output channel "
+        "(embeddings and norms keep --dtype)",
     )
     p.add_argument(
         "--layer-layout",
@@ -162,7 +170,9 @@ class _Session:
     def load_params(self):
         if self.params is None:
             try:
-                config, params = load_checkpoint(self.args.checkpoint, dtype=self.args.dtype)
+                config, params = load_checkpoint(
+                    self.args.checkpoint, dtype=self.args.dtype, quantize=self.args.quantize
+                )
             except FileNotFoundError as e:
                 raise UsageError(str(e)) from None
             except ValueError as e:  # CheckpointError, ConfigError: a malformed checkpoint

@@ -15,6 +15,8 @@ step (measured ~5 GB/s against ~15-25 GB/s for matvecs over separate buffers), s
 generator holds the layers "per_layer", a copy of the layer weights made once (on one CPU device
 also with [out, in] kernels, which XLA:CPU multiplies by a few rows 1.4-1.5x faster).
 `Generator(..., consume=True)` moves the checkpoint params instead of copying them.
+`Generator(..., quantize="int8")` also quantizes them (`qwen2_jax.quantize`; params loaded with
+`load_checkpoint(..., quantize="int8")` already are).
 
 `generate`, `generate_outputs` and `generate_stream` are the function forms: each call finds the
 generator made for the same params (held only while those params are alive) or makes one.
@@ -38,6 +40,7 @@ from qwen2_jax.forward import sharding_of
 from qwen2_jax.kv_cache import init_cache
 from qwen2_jax.layouts import relayout
 from qwen2_jax.options import LAYER_LAYOUTS, RunOptions, default_kernel_layout
+from qwen2_jax.quantize import quantize_params
 from qwen2_jax.sampling import SamplingParams, as_int_list
 
 PROMPT_BUCKET_MIN = 16
@@ -116,6 +119,8 @@ class Generator:
     kernel_layout: None = [out, in] on one CPU device, the checkpoint's [in, out] elsewhere.
     consume: move the params into the runtime layout, deleting the originals (peak memory: the
     model plus one leaf) instead of copying them.
+    quantize: None, or "int8" to quantize float params (see `qwen2_jax.quantize`).
+    matmul: RunOptions.matmul ("auto", "einsum", "gemm").
     """
 
     def __init__(
@@ -127,6 +132,8 @@ class Generator:
         kernel_layout: str | None = None,
         scan_unroll: int = 1,
         consume: bool = False,
+        quantize: str | None = None,
+        matmul: str = "auto",
     ):
         if layer_layout not in LAYER_LAYOUTS:
             raise ValueError(f"layer_layout must be one of {LAYER_LAYOUTS}, got {layer_layout!r}")
@@ -134,10 +141,14 @@ class Generator:
         if kernel_layout is None:
             kernel_layout = default_kernel_layout(sharding is not None) if layer_layout == "per_layer" else "in_out"
         self.config = config
-        self.options = RunOptions(
-            layer_layout=layer_layout, kernel_layout=kernel_layout, scan_unroll=scan_unroll
+        layout = RunOptions(
+            layer_layout=layer_layout, kernel_layout=kernel_layout, scan_unroll=scan_unroll, matmul=matmul
         ).for_params(params, sharding)
-        self.params = relayout(config, params, self.options, consume=consume)
+        runtime = relayout(config, params, layout, consume=consume)
+        if quantize is not None:
+            runtime = quantize_params(config, runtime, layout, quantize, consume=consume)
+        self.params = runtime
+        self.options = layout.for_params(runtime, sharding)
         self.trace_counts: collections.Counter = collections.Counter()
         self._programs: dict[LoopSpec, Programs] = {}
         self._stream_executables: dict[LoopSpec, tuple] = {}
@@ -309,7 +320,7 @@ def _rows_from(tokens: np.ndarray, num_rows: int, max_new: int) -> list[list[int
 # the first stacked layer leaf, which a per-layer generator never holds (it holds per-layer copies),
 # so an entry lives exactly as long as the caller's params: a finalizer drops it.
 _GENERATORS: dict[int, tuple] = {}
-_GENERATOR_SETTINGS = ("layer_layout", "kernel_layout", "scan_unroll")
+_GENERATOR_SETTINGS = ("layer_layout", "kernel_layout", "scan_unroll", "quantize", "matmul")
 
 
 def generator_for(config: Qwen2Config, params, **settings) -> Generator:

@@ -5,7 +5,9 @@ h head_dim, f MLP width. Numerics follow HF transformers: norms, rotary tables a
 softmax in float32; everything else in the compute dtype.
 
 Every layer module reads its runtime choices from one `RunOptions`; `kernel_layout="out_in"` creates
-the attention and MLP kernels output-major (`OUT_IN_AXES` says how each one is permuted).
+the attention and MLP kernels output-major (`OUT_IN_AXES` says how each one is permuted), and
+`quantize="int8"` creates them as int8 values plus per-output-channel scales. Every attention and MLP
+product goes through `project` (`qwen2_jax.matmul` chooses its form).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from qwen2_jax.config import Qwen2Config
+from qwen2_jax.matmul import Int8Kernel, apply_kernel
 from qwen2_jax.options import RunOptions
 
 Dtype = Any
@@ -33,6 +36,9 @@ OUT_IN_AXES = {
     "up_kernel": (1, 0),
     "down_kernel": (1, 0),  # [f, d] -> [d, f]
 }
+# Kernel name -> how many leading dims of its [in, out] shape are input dims (the rest are output
+# channels: an int8 kernel has one scale per output channel).
+INPUT_DIMS = {name: 2 if name == "o_kernel" else 1 for name in OUT_IN_AXES}
 
 
 def param(module: nn.Module, name: str, init, shape, dtype, logical_axes):
@@ -40,22 +46,30 @@ def param(module: nn.Module, name: str, init, shape, dtype, logical_axes):
 
 
 def kernel(module: nn.Module, options: RunOptions, name: str, init, shape, logical_axes):
-    """A matmul kernel declared in [in, out] terms, created in the options' kernel layout."""
+    """A matmul kernel declared in [in, out] terms, created in the options' kernel layout (an
+    Int8Kernel: int8 values `name` and float32 scales `name + "_scale"` over the output dims, when
+    options.quantize == "int8")."""
+    n_in = INPUT_DIMS[name]
+    scale_shape, scale_axes = tuple(shape[n_in:]), tuple(logical_axes[n_in:])
     if options.transposed_kernels:
         perm = OUT_IN_AXES[name]
         shape, logical_axes = tuple(shape[i] for i in perm), tuple(logical_axes[i] for i in perm)
+    if options.quantize == "int8":
+        values = param(module, name, nn.initializers.zeros, shape, jnp.int8, logical_axes)
+        scale = param(module, name + "_scale", nn.initializers.ones, scale_shape, jnp.float32, scale_axes)
+        return Int8Kernel(values, scale)
     return param(module, name, init, shape, options.param_dtype, logical_axes)
 
 
 def project(x, w, in_out_spec: str, options: RunOptions, name: str):
-    """einsum of activations with the kernel `name`, whichever layout it is in. `in_out_spec` is
-    written for the [in, out] kernel (e.g. "btd,dnh->btnh"); out_in kernels permute its letters
-    as OUT_IN_AXES permutes the kernel."""
+    """Activations times the kernel `name`, whichever layout and format it is in. `in_out_spec` is
+    the einsum written for the [in, out] kernel (e.g. "btd,dnh->btnh"); out_in kernels permute its
+    letters as OUT_IN_AXES permutes the kernel. Result in the compute dtype."""
     if options.transposed_kernels:
         inputs, out = in_out_spec.split("->")
         x_spec, w_spec = inputs.split(",")
         in_out_spec = f"{x_spec},{''.join(w_spec[i] for i in OUT_IN_AXES[name])}->{out}"
-    return jnp.einsum(in_out_spec, x, w.astype(options.compute_dtype))
+    return apply_kernel(in_out_spec, x, w, matmul=options.matmul, compute_dtype=options.compute_dtype)
 
 
 def normal_init(config: Qwen2Config):

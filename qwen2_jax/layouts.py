@@ -47,7 +47,7 @@ def relayout(config: Qwen2Config, params: dict, options: RunOptions, consume: bo
     if is_checkpoint_layout(options):
         return params
     dtype = jnp.dtype(params["embed_tokens"].dtype)
-    src_axes = param_logical_axes(config)
+    src_axes = param_logical_axes(config, RunOptions(quantize=options.quantize))
     dst_axes = param_logical_axes(config, options)
     dst_shardings = param_shardings(config, mesh_of(params), dtype, options)
     per_layer = options.layer_layout == "per_layer"

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from qwen2_jax.config import Qwen2Config
 from qwen2_jax.kv_cache import KVCache
 from qwen2_jax.layers import MLP, Attention, RMSNorm, attention_mask, normal_init, param, rotary_tables
+from qwen2_jax.matmul import Int8Kernel, apply_kernel
 from qwen2_jax.moe import SparseMoeBlock
 from qwen2_jax.options import RunOptions
 
@@ -67,17 +68,27 @@ class DecoderLayer(nn.Module):
         return x_btd, outputs
 
 
-def vocab_logits(x_btd, head, tied: bool, dtype):
-    """Float32 logits of final hidden states: head is the embedding [vocab, d] when tied, else the
-    LM head kernel [d, vocab]."""
-    spec = "btd,vd->btv" if tied else "btd,dv->btv"
-    return jnp.einsum(spec, x_btd.astype(dtype), head.astype(dtype), preferred_element_type=jnp.float32)
+def vocab_logits(x_btd, head, tied: bool, dtype, matmul: str = "auto"):
+    """Float32 logits of final hidden states: head is the embedding [vocab, d] when tied, the LM head
+    kernel [d, vocab] when not, or an Int8Kernel [vocab, d] (quantized params, tied or not). The
+    product goes through `qwen2_jax.matmul.apply_kernel`, like every other kernel's."""
+    spec = "btd,vd->btv" if tied or isinstance(head, Int8Kernel) else "btd,dv->btv"
+    return apply_kernel(spec, x_btd, head, matmul=matmul, compute_dtype=dtype, out_dtype=jnp.float32)
 
 
-def lm_head_logits(config: Qwen2Config, params, x_btd, dtype=None):
+def lm_head_of(config: Qwen2Config, params):
+    """The LM head as `vocab_logits` takes it: (head, tied)."""
+    if "lm_head_int8" in params:
+        return Int8Kernel(params["lm_head_int8"], params["lm_head_int8_scale"]), False
+    if config.tie_word_embeddings:
+        return params["embed_tokens"], True
+    return params["lm_head"], False
+
+
+def lm_head_logits(config: Qwen2Config, params, x_btd, dtype=None, matmul: str = "auto"):
     """The model's own LM head applied to final (normed) hidden states, e.g. chunk by chunk in a loss."""
-    head = params["embed_tokens"] if config.tie_word_embeddings else params["lm_head"]
-    return vocab_logits(x_btd, head, config.tie_word_embeddings, dtype or x_btd.dtype)
+    head, tied = lm_head_of(config, params)
+    return vocab_logits(x_btd, head, tied, dtype or x_btd.dtype, matmul)
 
 
 class Qwen2ForCausalLM(nn.Module):
@@ -150,7 +161,15 @@ class Qwen2ForCausalLM(nn.Module):
             out["cache"] = KVCache(k=tuple(layer_outs["cache_k"]), v=tuple(layer_outs["cache_v"]), pos=k_pos_bs)
         if logits_index_b is not None:
             x_btd = jnp.take_along_axis(x_btd, logits_index_b[:, None, None], axis=1)
-        if cfg.tie_word_embeddings:
+        tied = cfg.tie_word_embeddings
+        if opt.quantize == "int8":  # an int8 copy of the head matrix, [vocab, d], even when tied
+            v, d = cfg.vocab_size, cfg.hidden_size
+            head = Int8Kernel(
+                param(self, "lm_head_int8", nn.initializers.zeros, (v, d), jnp.int8, ("vocab", "embed")),
+                param(self, "lm_head_int8_scale", nn.initializers.ones, (v,), jnp.float32, ("vocab",)),
+            )
+            tied = False
+        elif tied:
             head = embedding
         else:
             head = param(
@@ -162,7 +181,7 @@ class Qwen2ForCausalLM(nn.Module):
                 ("embed", "vocab"),
             )
         if return_logits:
-            logits = vocab_logits(x_btd, head, cfg.tie_word_embeddings, opt.compute_dtype)
+            logits = vocab_logits(x_btd, head, tied, opt.compute_dtype, opt.matmul)
             out["logits"] = opt.constrain(logits, ("batch", "length", "act_vocab"))
         else:
             out["final_hidden"] = x_btd

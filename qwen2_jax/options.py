@@ -11,6 +11,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from qwen2_jax.matmul import MATMULS, check_quantize
 from qwen2_jax.sharding import ShardingContext
 
 LAYER_LAYOUTS = ("stacked", "per_layer")
@@ -38,6 +39,12 @@ class RunOptions:
                    each layer's input) for the backward pass.
     moe_impl       MoE grouped matmul: "auto" | "ragged_dot" | "tiled".
     moe_exchange   how tokens reach expert shards: "auto" | "allgather" | "ragged_all_to_all".
+    matmul         how attention, MLP and LM-head kernels are multiplied (`qwen2_jax.matmul`):
+                   "einsum", "gemm" (one 2-D dot with float32 accumulation, >= 2 rows, on the kernel
+                   as stored), "auto" (gemm on CPU for bfloat16 kernels computed in bfloat16).
+    quantize       None, or "int8": attention, MLP and LM-head kernels stored as int8 with one
+                   float32 scale per output channel (`qwen2_jax.quantize`); embeddings, norms,
+                   biases and MoE experts stay in param_dtype. For loaded params, theirs.
     sharding       the mesh and logical rules to constrain activations with (None: one device).
     """
 
@@ -49,6 +56,8 @@ class RunOptions:
     remat: str = "none"
     moe_impl: str = "auto"
     moe_exchange: str = "auto"
+    matmul: str = "auto"
+    quantize: str | None = None
     sharding: ShardingContext | None = None
 
     def __post_init__(self):
@@ -61,9 +70,11 @@ class RunOptions:
             ("remat", REMAT_POLICIES),
             ("moe_impl", MOE_IMPLS),
             ("moe_exchange", MOE_EXCHANGES),
+            ("matmul", MATMULS),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r} (choose from {', '.join(allowed)})")
+        check_quantize(self.quantize)
         if isinstance(self.scan_unroll, bool) or not isinstance(self.scan_unroll, int) or self.scan_unroll < 1:
             raise ValueError(f"scan_unroll must be a positive integer, got {self.scan_unroll!r}")
 
@@ -75,8 +86,10 @@ class RunOptions:
         return self.param_dtype if self.dtype is None else self.dtype
 
     def for_params(self, params, sharding: ShardingContext | None) -> RunOptions:
-        """These options for running loaded params: param_dtype is theirs, and so is the mesh."""
-        return self.replace(param_dtype=jnp.dtype(params["embed_tokens"].dtype), sharding=sharding)
+        """These options for running loaded params: param_dtype, quantization and mesh are theirs."""
+        return self.replace(
+            param_dtype=jnp.dtype(params["embed_tokens"].dtype), quantize=quantize_of(params), sharding=sharding
+        )
 
     @property
     def transposed_kernels(self) -> bool:
@@ -84,6 +97,11 @@ class RunOptions:
 
     def constrain(self, x, logical_axes):
         return self.sharding.constrain(x, logical_axes) if self.sharding is not None else x
+
+
+def quantize_of(params) -> str | None:
+    """ "int8" for params made by `qwen2_jax.quantize.quantize_params` (they hold an int8 LM head), else None."""
+    return "int8" if "lm_head_int8" in params else None
 
 
 def default_kernel_layout(on_mesh: bool) -> str:

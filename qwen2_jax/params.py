@@ -25,13 +25,14 @@ CHECKPOINT_LAYOUT = RunOptions()
 
 
 def _layout_options(options: RunOptions | None, param_dtype) -> RunOptions:
-    """Only the fields that shape the params matter here: layouts and param dtype."""
+    """Only the fields that shape the params matter here: layouts, quantization and param dtype."""
     options = options or CHECKPOINT_LAYOUT
     return RunOptions(
         dtype=param_dtype,
         param_dtype=param_dtype,
         layer_layout=options.layer_layout,
         kernel_layout=options.kernel_layout,
+        quantize=options.quantize,
     )
 
 
