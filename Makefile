@@ -16,7 +16,8 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
-# the demo needs only the library (no torch, no transformers)
+# the demo needs only the library; with torch and transformers installed (make install / make test) it
+# also checks its export in transformers, and skips that stage with one line otherwise
 $(BASE_STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e .
 	touch $(BASE_STAMP)
@@ -41,5 +42,6 @@ ISA_CAP ?= SSE4_2
 test-numerics-isa: $(STAMP)
 	XLA_FLAGS="$$XLA_FLAGS --xla_cpu_max_isa=$(ISA_CAP)" $(PY) -m pytest -q $(NUMERICS_TESTS)
 
+# `make demo DEMO_ARGS="--keep out/demo"` keeps what it writes (python -m qwen2_jax.demo --help)
 demo: $(BASE_STAMP)
-	$(PY) -m qwen2_jax.demo
+	$(PY) -m qwen2_jax.demo $(DEMO_ARGS)

@@ -20,6 +20,7 @@ from jax.sharding import NamedSharding
 
 from qwen2_jax.cli_support import UsageError
 from train.config import DataConfig
+from train.data_format import META_FILE
 
 
 class StatefulIterator(Protocol):
@@ -45,7 +46,9 @@ class CorpusError(UsageError, ValueError):
 class Corpus:
     """The tokenized corpus of `data.sources` (the built-in real-text corpus when empty), prepared on
     first use into `<data.cache_dir>/prepared/<name>` and reused afterwards. The name carries the
-    sources, seq_len and split options, so runs with other settings never overwrite each other."""
+    sources, seq_len and split options, so runs with other settings never overwrite each other.
+    A single source that is a directory written by `qwen2-train prepare` is read as it is (its
+    seq_len must be the run's; its held-out split is the one it was prepared with)."""
 
     def __init__(self, cfg: DataConfig, seq_len: int, *, progress: bool = True):
         from train import data
@@ -55,6 +58,19 @@ class Corpus:
         for source in sources:
             if not os.path.exists(source):
                 raise FileNotFoundError(f"corpus not found: {source}")
+        self._data = data
+        if len(sources) == 1 and os.path.isfile(os.path.join(sources[0], META_FILE)):
+            self.data_dir = sources[0]
+            try:
+                prepared_len = data.read_meta(self.data_dir)["seq_len"]
+            except ValueError as e:
+                raise CorpusError(f"corpus: {e}") from None
+            if prepared_len != seq_len:
+                raise CorpusError(
+                    f"corpus: {self.data_dir} was prepared with --seq-len {prepared_len}, but the run's "
+                    f"seq_len is {seq_len}"
+                )
+            return
         try:
             if not sources:
                 sources = [str(p) for p in data.default_corpus_sources(cache_dir)]
@@ -73,7 +89,6 @@ class Corpus:
             )
         except ValueError as e:
             raise CorpusError(f"corpus: {e}") from None
-        self._data = data
 
     def train_iterator(self, *, global_batch_size, seed, process_index, process_count):
         return self._data.make_train_iterator(

@@ -1,0 +1,5 @@
+import sys
+
+from qwen2_jax.demo import main
+
+sys.exit(main())
