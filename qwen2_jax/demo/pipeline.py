@@ -11,13 +11,13 @@ import tempfile
 from importlib import resources
 
 from qwen2_jax.demo.prompt import Prompt, held_out_prompt
-from qwen2_jax.demo.stages import StageFailed, Stages, command_line, run_command
+from qwen2_jax.demo.stages import StageFailed, Stages, run_command
 
 SEQ_LEN = 128  # must equal seq_len in train.yaml: the corpus is prepared for it
 NEW_TOKENS = 40
 EVAL_ROWS = 4  # held-out rows of SEQ_LEN tokens: the prompt comes from them, the learned check reads them
 # The documents the demo trains on: the pure-Python `decimal` module's docstrings (~20k tokens, many
-# with doctests), small enough for a 2-minute run on 2 cores to see each about ten times.
+# with doctests), small enough for a 2-minute run on 2 cores to read each row about a dozen times.
 DEMO_SOURCES = ("_pydecimal.py",)
 # Learned: the held-out loss at least this far (nats) below that of token frequencies alone.
 LEARNED_MARGIN = 0.5
@@ -274,6 +274,3 @@ def _run(directory: str, args) -> int:
         print("\ndemo: interrupted", file=sys.stderr)
         return 130
     return 0
-
-
-__all__ = ["main", "command_line"]
