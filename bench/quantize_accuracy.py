@@ -2,6 +2,12 @@
 
     .venv/bin/python bench/quantize_accuracy.py [--positions 256] [--rows 2] [--seed 0] [--json FILE]
         [--plain tails,weight_outliers,norm_outliers] [--weight-outlier 8] [--final-norm 4]
+    .venv/bin/python bench/quantize_accuracy.py --checkpoint DIR [--data PREPARED_DIR] [...]
+
+With --checkpoint, the weights are a trained checkpoint's (any `load_checkpoint` directory: a
+converted one, an HF directory, or a training run's `<output_dir>/checkpoints`), and the sequences
+are the first --rows rows of the eval split of --data (a directory `qwen2-train prepare` wrote; its
+seq_len sets the positions), or sampled from the bf16 model when --data is not given.
 
 No trained checkpoint is available offline, so the weights are a real-scale init (HF's normal(0.02))
 perturbed the way trained LLM weights differ from it, which is what breaks int8 quantization:
@@ -22,7 +28,9 @@ bfloat16-vs-float32 agreement printed beside the int8 one).
 
 Printed: KL(int8 || bf16) and KL(bf16 || int8) of the next-token distributions, averaged over every
 position, greedy (argmax) agreement between int8 and bf16 over those positions, and for scale the
-same between bfloat16 and float32.
+same between bfloat16 and float32. Also the same figures for "int8 weights, float activations": the
+int8 kernels dequantized and multiplied in float32, which separates the error of the weights' int8
+rounding from that of the two-digit activation split `matmul.int8_dot` uses.
 """
 
 from __future__ import annotations
@@ -92,6 +100,29 @@ def trained_like_params(config, seed: int):
     return jax.tree_util.tree_unflatten(tree, [perturb(p, leaf, n) for (p, leaf), n in zip(flat, names)])
 
 
+def _int8_weights_only_logits(config, int8_params, ids):
+    """Logits with every int8 kernel dequantized and multiplied in float32 (the activations exact)."""
+    import jax
+    import jax.numpy as jnp
+
+    import qwen2_jax
+    from qwen2_jax import matmul
+
+    def float_dot(rows_mk, values, scale_n, in_first):
+        w = values.astype(jnp.float32)
+        y = matmul._dot(rows_mk.astype(jnp.float32), w, in_first, jnp.float32)
+        return y * scale_n.astype(jnp.float32)
+
+    saved = matmul.int8_dot
+    matmul.int8_dot = float_dot
+    jax.clear_caches()  # the int8 forward compiled above must be traced again with the float product
+    try:
+        return np.asarray(qwen2_jax.forward(config, int8_params, ids)).reshape(-1, config.vocab_size)
+    finally:
+        matmul.int8_dot = saved
+        jax.clear_caches()
+
+
 def log_softmax(x):
     x = x.astype(np.float64)
     return x - np.logaddexp.reduce(x, axis=-1, keepdims=True)
@@ -112,6 +143,8 @@ def main(argv=None):
     ap.add_argument("--weight-outlier", type=float, default=WEIGHT_OUTLIER)
     ap.add_argument("--final-norm", type=float, default=FINAL_NORM)
     ap.add_argument("--plain", default="", help="comma list of perturbations to leave out: " + ",".join(PERTURB))
+    ap.add_argument("--checkpoint", default=None, help="measure a trained checkpoint instead")
+    ap.add_argument("--data", default=None, help="prepared data directory: sequences from its eval split")
     args = ap.parse_args(argv)
     SETTINGS.update(weight_outlier=args.weight_outlier, final_norm=args.final_norm)
     for name in filter(None, args.plain.split(",")):
@@ -121,53 +154,85 @@ def main(argv=None):
     import jax.numpy as jnp
 
     import qwen2_jax
+    from qwen2_jax import load_checkpoint
     from qwen2_jax.config import preset
     from qwen2_jax.quantize import quantize_params
+    from train.data_loader import PackedTokenSource
 
-    config = preset(args.preset)
-    f32 = trained_like_params(config, args.seed)
+    if args.checkpoint:
+        config, f32 = load_checkpoint(args.checkpoint, dtype="float32")
+        weights = f"checkpoint {args.checkpoint}"
+    else:
+        config = preset(args.preset)
+        f32 = trained_like_params(config, args.seed)
+        weights = (
+            "Qwen2-0.5B shape, normal(0.02) init"
+            + (", t(5) tails" if PERTURB["tails"] else "")
+            + (f", 1% outlier input channels x{SETTINGS['weight_outlier']:g}" if PERTURB["weight_outliers"] else "")
+            + (
+                f", {OUTLIER_DIMS} hidden channels with norm weight {NORM_OUTLIER:g}"
+                if PERTURB["norm_outliers"]
+                else ""
+            )
+            + f", final norm {SETTINGS['final_norm']:g}"
+        )
     bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), f32)
     int8 = quantize_params(config, bf16)
 
-    rng = np.random.RandomState(args.seed + 1)
-    prompts = [rng.randint(0, 150000, 4).tolist() for _ in range(args.rows)]
-    new = qwen2_jax.generate(
-        config,
-        bf16,
-        prompts,
-        args.positions - 4,
-        temperature=1.0,
-        seed=args.seed,
-        eos_token_ids=[],
-        allow_context_overflow=True,
-    )
-    ids = np.array([p + t for p, t in zip(prompts, new)])
+    if args.data:
+        source = PackedTokenSource(args.data, split="eval")
+        if len(source) < args.rows:
+            raise SystemExit(f"{args.data}: the eval split has {len(source)} sequences, fewer than --rows {args.rows}")
+        ids = np.stack([np.asarray(source[i]) for i in range(args.rows)])
+        sequences = f"eval split of {args.data}"
+    else:
+        rng = np.random.RandomState(args.seed + 1)
+        prompts = [rng.randint(0, min(150000, config.vocab_size), 4).tolist() for _ in range(args.rows)]
+        new = qwen2_jax.generate(
+            config,
+            bf16,
+            prompts,
+            args.positions - 4,
+            temperature=1.0,
+            seed=args.seed,
+            eos_token_ids=[],
+            allow_context_overflow=True,
+        )
+        ids = np.array([p + t for p, t in zip(prompts, new)])
+        sequences = "sampled from the bf16 model at temperature 1"
 
     logits = {
         name: np.asarray(qwen2_jax.forward(config, p, ids)).reshape(-1, config.vocab_size)
         for name, p in (("bf16", bf16), ("int8", int8), ("f32", f32))
     }
+    logits["int8_weights_only"] = _int8_weights_only_logits(config, int8, ids)
     top1 = float(np.mean(np.exp(np.max(log_softmax(logits["bf16"]), axis=-1))))
     result = {
-        "weights": "Qwen2-0.5B shape, normal(0.02) init"
-        + (", t(5) tails" if PERTURB["tails"] else "")
-        + (f", 1% outlier input channels x{SETTINGS['weight_outlier']:g}" if PERTURB["weight_outliers"] else "")
-        + (f", {OUTLIER_DIMS} hidden channels with norm weight {NORM_OUTLIER:g}" if PERTURB["norm_outliers"] else "")
-        + f", final norm {SETTINGS['final_norm']:g}",
+        "weights": weights,
+        "sequences": sequences,
         "positions": int(ids.size),
         "mean_top1_probability_bf16": top1,
         "kl_int8_bf16": kl(logits["int8"], logits["bf16"]),
         "kl_bf16_int8": kl(logits["bf16"], logits["int8"]),
         "greedy_agreement_int8_bf16": float(np.mean(logits["int8"].argmax(-1) == logits["bf16"].argmax(-1))),
+        "kl_int8_weights_only_bf16": kl(logits["int8_weights_only"], logits["bf16"]),
+        "greedy_agreement_int8_weights_only_bf16": float(
+            np.mean(logits["int8_weights_only"].argmax(-1) == logits["bf16"].argmax(-1))
+        ),
         "kl_bf16_f32": kl(logits["bf16"], logits["f32"]),
         "greedy_agreement_bf16_f32": float(np.mean(logits["bf16"].argmax(-1) == logits["f32"].argmax(-1))),
         "weight_bytes_bf16": sum(x.nbytes for x in jax.tree.leaves(bf16)),
         "weight_bytes_int8": sum(x.nbytes for x in jax.tree.leaves(int8)),
     }
-    print(f"weights: {result['weights']}; {result['positions']} positions; mean top-1 probability (bf16) {top1:.3f}")
+    print(f"weights: {result['weights']}; sequences: {sequences}")
+    print(f"{result['positions']} positions; mean top-1 probability (bf16) {top1:.3f}")
     print(
         f"KL(int8 || bf16) = {result['kl_int8_bf16']:.2e}   KL(bf16 || int8) = {result['kl_bf16_int8']:.2e}   "
         f"greedy agreement {100 * result['greedy_agreement_int8_bf16']:.1f}%"
+    )
+    print(
+        f"int8 weights, float32 activations: KL(. || bf16) = {result['kl_int8_weights_only_bf16']:.2e}   "
+        f"greedy agreement {100 * result['greedy_agreement_int8_weights_only_bf16']:.1f}%"
     )
     print(
         f"for scale: KL(bf16 || f32) = {result['kl_bf16_f32']:.2e}   greedy agreement bf16/f32 "
