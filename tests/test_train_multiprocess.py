@@ -3,11 +3,13 @@ with 8 on the same mesh (data=2 x fsdp=4), on configs/train/tiny-cpu.yaml shorte
 
 The 2 processes log the single process's loss at every step (within 1e-5; in fact bit for bit: both
 add through gloo, see train/distributed.py); only process 0 logs. SIGTERM to one process stops both at
-the same step with a checkpoint and exit 0, and the rerun resumes to the same losses. A failure on
-either process (the coordinator or not) stops both, non-zero, with that process's message, within a
-bounded time. Unit checks: the cluster detection and the flags that go together."""
+the same step with a checkpoint and exit 0, and the rerun resumes to the same losses; so does the
+rerun after one process was SIGKILLed (the other exits non-zero at once). A failure on either process
+(the coordinator or not) stops both, non-zero, with that process's message, within a bounded time.
+Unit checks: the cluster detection and the flags that go together."""
 
 import os
+import signal
 import time
 
 import pytest
@@ -62,6 +64,7 @@ def test_two_processes_log_the_single_process_losses(tmp_path, cache_dir, refere
     assert "qwen2-train" not in results[1].stdout
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_process_stops_both_at_one_step_then_resumes(tmp_path, cache_dir, reference):
     output_dir = str(tmp_path / "run")
     cmd = command(output_dir, cache_dir, *REFERENCE_MESH)
@@ -77,6 +80,28 @@ def test_sigterm_to_one_process_stops_both_at_one_step_then_resumes(tmp_path, ca
     second = run(cmd, processes=2, devices=4, logs_dir=tmp_path / "second")
     assert [r.returncode for r in second] == [0, 0], tail(second)
     assert f"resuming {output_dir} from step {stopped}" in second[0].stdout
+    assert max_difference(losses(reference), losses(output_dir)) <= TOLERANCE
+
+
+@pytest.mark.slow
+def test_a_killed_process_stops_the_other_and_the_rerun_resumes(tmp_path, cache_dir, reference):
+    """SIGKILL (no handler runs): the other process's next collective fails, it reports that and exits
+    non-zero; the rerun of both resumes from the last complete checkpoint to the reference's losses."""
+    output_dir = str(tmp_path / "run")
+    cmd = command(output_dir, cache_dir, *REFERENCE_MESH)
+    job = Job(cmd, processes=2, devices=4, logs_dir=tmp_path / "first")
+    assert wait_for_step(job, output_dir, 5)
+    killed_at = time.time()
+    job.signal(1, signal.SIGKILL)
+    first = job.wait(120)
+    assert time.time() - killed_at < 60
+    assert first[1].returncode == -signal.SIGKILL and first[0].returncode not in (0, None), tail(first)
+    assert "qwen2-train: error: " in first[0].stderr
+    resumed_from = checkpoint_steps(output_dir)[-1]
+
+    second = run(cmd, processes=2, devices=4, logs_dir=tmp_path / "second")
+    assert [r.returncode for r in second] == [0, 0], tail(second)
+    assert f"resuming {output_dir} from step {resumed_from}" in second[0].stdout
     assert max_difference(losses(reference), losses(output_dir)) <= TOLERANCE
 
 

@@ -28,6 +28,7 @@ import re
 import socket
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -51,6 +52,7 @@ ACK_KEY = f"{_PREFIX}/error-seen"
 # How long a process that is about to exit on an error waits for the others to have read it, when
 # it is process 0 (the coordinator's key-value store goes away with it).
 ACK_WAIT_MS = 10_000
+EXIT_GRACE_S = 1.0  # then for them to be gone
 # The barriers wait for work of unknown length on process 0 (preparing a corpus): long; a failure
 # there ends the wait through the watchdog, not through the timeout.
 LONG_WAIT_MS = 24 * 3600 * 1000
@@ -261,24 +263,25 @@ def _hard_exit(code: int) -> None:
         if _state.exiting:
             threading.Event().wait()  # the other thread is already ending the process
         _state.exiting = True
-    client = _state.client
-    if client is not None:
-        try:
-            client.key_value_set(f"{ACK_KEY}/{_state.process_id}", "1")
-        except Exception:
-            pass
-        if _state.process_id == 0:
-            # the key-value store lives in this process: let the others read the error first
-            for p in range(1, _state.num_processes):
-                try:
-                    client.blocking_key_value_get(f"{ACK_KEY}/{p}", ACK_WAIT_MS)
-                except Exception:
-                    break
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except Exception:
             pass
+    client = _state.client
+    if client is not None:
+        try:  # the last thing before exiting: once process 0 has every ack, it exits, and JAX aborts
+            client.key_value_set(f"{ACK_KEY}/{_state.process_id}", "1")  # the processes still connected
+        except Exception:
+            pass
+        if _state.process_id == 0:
+            # the key-value store lives in this process: let the others read the error and exit first
+            for p in range(1, _state.num_processes):
+                try:
+                    client.blocking_key_value_get(f"{ACK_KEY}/{p}", ACK_WAIT_MS)
+                except Exception:
+                    break
+            time.sleep(EXIT_GRACE_S)
     os._exit(code)
 
 
