@@ -107,9 +107,9 @@ def process_share(sharding: NamedSharding, global_batch_size: int, seq_len: int)
     first, n = min(rows), len(rows)
     if max(rows) - first + 1 != n or global_batch_size % n or first % n:
         raise UsageError(
-            f"the mesh puts rows {sorted(rows)} of each batch of {global_batch_size} on the devices of process "
-            f"{jax.process_index()}: not one contiguous block; order the mesh so that each process's devices "
-            "hold one block of the batch"
+            f"the devices of process {jax.process_index()} hold {n} rows of each batch of {global_batch_size} "
+            f"between rows {first} and {max(rows)}, not one aligned block; order the mesh so that each "
+            "process's devices hold one contiguous block of the batch"
         )
     return first // n, global_batch_size // n
 

@@ -64,9 +64,7 @@ def _main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     from train import distributed
 
-    distributed.start(
-        args.coordinator_address, args.num_processes, args.process_id, local_gloo=not args.dry_run, prog=PROG
-    )
+    distributed.start(args.coordinator_address, args.num_processes, args.process_id, prog=PROG)
     with distributed.failures_stop_all():
         from train.config import load_config
 
@@ -74,6 +72,10 @@ def _main(argv: list[str]) -> int:
         if args.dry_run:
             return _dry_run(config)
         from train.loop import train
+        from train.model_setup import resolve_model
+
+        if not resolve_model(config.model, config.model_overrides).config.is_moe:
+            distributed.start_local_gloo()  # the same sums as a multi-process run (train/distributed.py)
 
         train(config)
     return EXIT_OK

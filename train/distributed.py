@@ -7,11 +7,14 @@ Start-up (`start`), before anything touches a device:
     with more than one task) and under Open MPI (`mpirun` with more than one rank),
     `jax.distributed.initialize()` reads the cluster's own environment;
   * otherwise a single process.
-On CPU the collectives go through gloo. A single process with several CPU devices starts a
-one-process jax.distributed on a free loopback port for that alone (`local_gloo`): JAX's in-process
-CPU collectives add in another order than gloo, so without it 1 process x 8 devices and 2 processes
-x 4 devices on the same mesh would differ in the last bit of every reduction, and a few dozen
-steps of training amplify that far past 1e-5. With it they give the same losses bit for bit.
+On CPU the collectives go through gloo. A single process with several CPU devices training a dense
+model starts a one-process jax.distributed on a free loopback port for that alone
+(`start_local_gloo`): JAX's in-process CPU collectives add in another order than gloo, so without it
+1 process x 8 devices and 2 processes x 4 devices on the same mesh differ in the last bit of every
+reduction, which 20 steps of tiny-cpu grow to 1e-3 (8e-3 by step 25). With it they agree bit for bit,
+for ~25% of the single process's speed on CPU. MoE runs keep the in-process collectives: their step
+is ~75x slower through gloo (measured on tiny-moe-cpu, 4 devices), and so is a multi-process MoE
+run on CPU.
 
 Failures: an exception on any process stops every process with that process's message. The
 failing process publishes `(exit code, "process I: message")` in the coordinator's key-value store
@@ -142,17 +145,14 @@ def start(
     num_processes: int | None = None,
     process_id: int | None = None,
     *,
-    local_gloo: bool = True,
     prog: str = _PREFIX,
 ) -> int:
-    """Join the run's other processes (see the module docstring); returns the process count.
-    UsageError for a partial set of flags or a process id out of range. `local_gloo`: a single
-    process with several CPU devices runs its collectives through gloo too."""
+    """Join the run's other processes (see the module docstring); returns the process count (1 when
+    there are none). UsageError for a partial set of flags or a process id out of range."""
     _state.prog = prog
     given = [coordinator_address is not None, num_processes is not None, process_id is not None]
     if any(given) and not all(given):
         raise UsageError("--coordinator-address, --num-processes and --process-id go together")
-    import jax
 
     if all(given):
         if num_processes < 1 or not 0 <= process_id < num_processes:
@@ -162,13 +162,37 @@ def start(
         kwargs = dict(coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id)
     elif detect_cluster() is not None:
         kwargs = {}
-    elif local_gloo and _cpu_device_count() > 1:
-        address = f"127.0.0.1:{_free_loopback_port()}"
-        kwargs = dict(coordinator_address=address, num_processes=1, process_id=0, coordinator_bind_address=address)
     else:
         return 1
+    return _initialize(kwargs, prog)
+
+
+def start_local_gloo() -> bool:
+    """For a single process with several CPU devices (no cluster, no flags): a one-process
+    jax.distributed on a free loopback port, so that its collectives go through gloo as a
+    multi-process run's do (see the module docstring). Call after `start`, before anything touches
+    a device; True when it did so."""
+    from jax._src import xla_bridge
+
+    if _state.client is not None or xla_bridge.backends_are_initialized() or _cpu_device_count() < 2:
+        return False
+    address = f"127.0.0.1:{_free_loopback_port()}"
+    kwargs = dict(coordinator_address=address, num_processes=1, process_id=0, coordinator_bind_address=address)
+    return _initialize(kwargs, _state.prog) == 1
+
+
+def _initialize(kwargs: dict, prog: str) -> int:
+    import jax
+
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(**kwargs)
+    try:
+        jax.distributed.initialize(**kwargs)
+    except ValueError as e:
+        if kwargs:
+            raise
+        # a TPU VM whose metadata names no workers (TPU_SKIP_MDS_QUERY, a bare VM): one process
+        sys.stderr.write(f"{prog}: no cluster found ({one_line(e)}); running as a single process\n")
+        return 1
     from jax._src import distributed as _jd
 
     _state.client = _jd.global_state.client
