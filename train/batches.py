@@ -1,9 +1,11 @@
 """From the data pipeline's per-process numpy batches to global, sharded jax.Arrays.
 
-Every process reads only its share of each global batch (`global_batch // process_count` rows) and
-contributes it to one global array with `jax.make_array_from_process_local_data`: no process ever
-holds the whole batch on its devices. `Corpus` is the one place that calls the data pipeline
-(`train.data`); tests pass any object with the same two methods.
+Every process reads only its share of each global batch and contributes it to one global array with
+`jax.make_array_from_process_local_data`: no process ever holds the whole batch on its devices. Its
+share is the block of rows that the batch sharding puts on its devices (`process_share`): with the
+data-parallel axes over processes, process p of P holds rows p*B/P ... (p+1)*B/P - 1; processes whose
+devices hold the same rows (a model axis across hosts) read the same block. `Corpus` is the one place
+that calls the data pipeline (`train.data`); tests pass any object with the same two methods.
 """
 
 from __future__ import annotations
@@ -108,6 +110,23 @@ class Corpus:
                 process_count=process_count,
             )
         )
+
+
+def process_share(sharding: NamedSharding, global_batch_size: int, seq_len: int) -> tuple[int, int]:
+    """(index, count): this process's devices hold rows index*B/count ... (index+1)*B/count - 1 of
+    every global batch of B rows. UsageError when they hold a set of rows that is not one such block
+    (a mesh whose data-parallel axes do not split the batch into one contiguous block per process)."""
+    rows: set[int] = set()
+    for index in sharding.addressable_devices_indices_map((global_batch_size, seq_len)).values():
+        rows.update(range(*index[0].indices(global_batch_size)))
+    first, n = min(rows), len(rows)
+    if max(rows) - first + 1 != n or global_batch_size % n or first % n:
+        raise UsageError(
+            f"the devices of process {jax.process_index()} hold {n} rows of each batch of {global_batch_size} "
+            f"between rows {first} and {max(rows)}, not one aligned block; order the mesh so that each "
+            "process's devices hold one contiguous block of the batch"
+        )
+    return first // n, global_batch_size // n
 
 
 def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding, global_batch_size: int) -> dict[str, jax.Array]:

@@ -8,6 +8,8 @@ Exit codes: 0 success (also after SIGTERM, which saves first); 2 bad input or us
 stderr, no traceback): unknown config key or wrong type, mesh that does not match the devices, batch
 not divisible by the data axes, missing corpus or model; 1 anything else, including a non-finite loss.
 The device count comes from the platform (tests set fake CPU devices through XLA_FLAGS), never from here.
+Several processes: the three flags on every process, or none on a Cloud TPU VM, under SLURM or Open MPI
+(train/distributed.py); a failure on any process stops all of them with its message and exit code.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from qwen2_jax.cli_support import EXIT_FAILURE, EXIT_OK, ArgumentParser, UsageError, run_cli
+from qwen2_jax.cli_support import EXIT_FAILURE, EXIT_OK, ArgumentParser, run_cli
 
 PROG = "qwen2-train"
 
@@ -49,7 +51,10 @@ def main(argv=None) -> int:
         from train.data import prepare_main
 
         return prepare_main(argv[1:])
-    return run_cli(PROG, _main, argv)
+    from train import distributed
+
+    # with several processes, a failure ends this process at once (the others stop on its message)
+    return distributed.exit_code(run_cli(PROG, _main, argv))
 
 
 def _main(argv: list[str]) -> int:
@@ -57,29 +62,23 @@ def _main(argv: list[str]) -> int:
     CheckpointError: run_cli reports each as one line and exit 2; anything else (a non-finite loss
     included) as one line and exit 1."""
     args = build_parser().parse_args(argv)
-    _start_distributed(args)
-    from train.config import load_config
+    from train import distributed
 
-    config = load_config(args.config, args.overrides)
-    if args.dry_run:
-        return _dry_run(config)
-    from train.loop import train
+    distributed.start(args.coordinator_address, args.num_processes, args.process_id, prog=PROG)
+    with distributed.failures_stop_all():
+        from train.config import load_config
 
-    train(config)
+        config = load_config(args.config, args.overrides)
+        if args.dry_run:
+            return _dry_run(config)
+        from train.loop import train
+        from train.model_setup import resolve_model
+
+        if not resolve_model(config.model, config.model_overrides).config.is_moe:
+            distributed.start_local_gloo()  # the same sums as a multi-process run (train/distributed.py)
+
+        train(config)
     return EXIT_OK
-
-
-def _start_distributed(args) -> None:
-    given = [args.coordinator_address is not None, args.num_processes is not None, args.process_id is not None]
-    if not any(given):
-        return
-    if not all(given):
-        raise UsageError("--coordinator-address, --num-processes and --process-id go together")
-    import jax
-
-    jax.distributed.initialize(
-        coordinator_address=args.coordinator_address, num_processes=args.num_processes, process_id=args.process_id
-    )
 
 
 def _dry_run(config) -> int:

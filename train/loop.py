@@ -4,6 +4,13 @@ Rerunning the same command on the same output_dir continues from the latest chec
 iterator where it was, so the resumed run logs the same losses as an unbroken one. SIGTERM lets the
 current step finish, saves, and returns normally. A non-finite loss or gradient stops the run before
 anything is saved, so the last checkpoint on disk is the last good state.
+
+Several processes (train/distributed.py) run this same loop in lockstep: each feeds its block of the
+global batch; SIGTERM on any one of them stops all at the same step (the processes agree on the flag
+after every step), all save that step together and return. Logs, metrics and TensorBoard come from
+process 0. The checkpoint may come from another mesh, device count or process count: Orbax reshards
+the params and optimizer state into this run's shardings, and the data continues at the saved global
+sample (the iterator state is a position in the global stream, not a per-process state).
 """
 
 from __future__ import annotations
@@ -19,8 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from qwen2_jax.cli_support import UsageError
+from train import distributed
 from train import model_setup as ms
-from train.batches import Corpus, DataProvider, global_batch
+from train.batches import Corpus, DataProvider, global_batch, process_share
 from train.checkpointing import CheckpointStore
 from train.config import TrainConfig
 from train.metrics import MetricsLogger, peak_flops_per_device, perplexity
@@ -141,8 +149,17 @@ def train(config: TrainConfig, data: DataProvider | None = None, log=print) -> d
     """Run (or continue) training to config.total_steps. Returns a summary: final step, last metrics,
     whether it stopped early on SIGTERM."""
     start_time = time.perf_counter()
+    if "://" in config.output_dir:
+        raise UsageError(
+            f"output_dir {config.output_dir}: a URL; give a path (for a bucket: its Cloud Storage FUSE "
+            "mount, the same on every host)"
+        )
     run = build_run(config)
-    data = data if data is not None else Corpus(config.data, config.seq_len, progress=config.progress)
+    if data is None:
+        # process 0 prepares the corpus first; the others then find it (shared filesystem) or make the same
+        progress = config.progress and jax.process_index() == 0
+        data = distributed.process_0_first("corpus", lambda: Corpus(config.data, config.seq_len, progress=progress))
+    distributed.check_shared_directory(config.output_dir)
     store = CheckpointStore(config.output_dir, keep=config.keep_checkpoints, async_saves=config.async_checkpoints)
     try:
         return _train(run, data, store, start_time, log)
@@ -152,15 +169,24 @@ def train(config: TrainConfig, data: DataProvider | None = None, log=print) -> d
 
 def _train(run: Run, data: DataProvider, store: CheckpointStore, start_time: float, log) -> dict[str, Any]:
     config, setup = run.config, run.setup
-    process_index, process_count = jax.process_index(), jax.process_count()
-    local_rows = config.batch_size // process_count
+    process_index = jax.process_index()
+    if process_index != 0:
+        log = _quiet
+    share_index, share_count = process_share(run.batch_sharding, config.batch_size, config.seq_len)
+    local_rows = config.batch_size // share_count
     train_iter = data.train_iterator(
-        global_batch_size=config.batch_size, seed=config.seed, process_index=process_index, process_count=process_count
+        global_batch_size=config.batch_size, seed=config.seed, process_index=share_index, process_count=share_count
     )
     if process_index == 0:
         setup.write_checkpoint_files(store.directory, source=f"qwen2-train {config.model}")
 
     resume_step = store.latest_step()
+    latest = distributed.agree("latest-checkpoint", str(resume_step))
+    if latest != str(resume_step):
+        raise UsageError(
+            f"process {process_index} finds the latest checkpoint of {store.directory} at {resume_step}, "
+            f"process 0 at {latest}: the processes must share one output_dir"
+        )
     elapsed_before = 0.0
     if resume_step is not None:
         state, meta = store.restore(resume_step, abstract_state(setup, run.tx), run.shardings)
@@ -234,10 +260,12 @@ def _train(run: Run, data: DataProvider, store: CheckpointStore, start_time: flo
                     logger.log(step, record)
                     last_metrics = record
                     interval_start, interval_steps = time.perf_counter(), 0
-                if stop.requested:
+                stopping = distributed.any_process(stop.requested)  # every process stops at the same step
+                if stopping:
                     checkpoint(wait=True)
                     stopped_early = step < config.total_steps
-                    log(f"qwen2-train: SIGTERM: saved step {step}, stopping")
+                    where = f" on process {', '.join(map(str, stopping))}" if jax.process_count() > 1 else ""
+                    log(f"qwen2-train: SIGTERM{where}: saved step {step}, stopping")
                     break
                 if step % config.checkpoint_every == 0 or step == config.total_steps:
                     save_start = time.perf_counter()
@@ -268,9 +296,8 @@ def _train_record(metrics, tokens_per_second: float) -> dict[str, Any]:
 def evaluate(run: Run, data: DataProvider, params) -> dict[str, float]:
     """Mean token loss and perplexity over eval_batches batches of the held-out split (from its start)."""
     config = run.config
-    it = data.eval_iterator(
-        global_batch_size=config.batch_size, process_index=jax.process_index(), process_count=jax.process_count()
-    )
+    share_index, share_count = process_share(run.batch_sharding, config.batch_size, config.seq_len)
+    it = data.eval_iterator(global_batch_size=config.batch_size, process_index=share_index, process_count=share_count)
     loss_sum, tokens = 0.0, 0.0
     for i, local in enumerate(it):
         if config.eval_batches and i >= config.eval_batches:
@@ -280,6 +307,10 @@ def evaluate(run: Run, data: DataProvider, params) -> dict[str, float]:
         tokens += float(n)
     mean = loss_sum / max(tokens, 1.0)
     return {"eval_loss": mean, "eval_perplexity": perplexity(mean), "eval_tokens": tokens}
+
+
+def _quiet(*args, **kwargs) -> None:
+    """The log of processes other than 0."""
 
 
 def _count(n: int) -> str:
