@@ -20,7 +20,7 @@ from qwen2_jax.config import ConfigError, Qwen2Config
 from qwen2_jax.dtypes import parse_dtype
 from qwen2_jax.hf_keys import Entry, hf_table, is_ignored, leaf_shapes
 from qwen2_jax.matmul import check_quantize
-from qwen2_jax.params import param_shardings
+from qwen2_jax.params import param_shardings, tree_get
 from qwen2_jax.quantize import quantize_params
 from qwen2_jax.safetensors_io import CheckpointError, SafetensorsDir
 
@@ -114,7 +114,7 @@ def _assemble(config: Qwen2Config, table: list[Entry], tensors: SafetensorsDir, 
     shardings = param_shardings(config, mesh, dtype)
     flat: dict[tuple[str, ...], jax.Array] = {}
     for path, entries in by_leaf.items():
-        sharding = _get(shardings, path)
+        sharding = tree_get(shardings, path)
         flat[path] = _build_leaf(shapes[path], dtype, sharding, entries, tensors)
     params: dict = {}
     for path, array in flat.items():
@@ -126,12 +126,6 @@ def _assemble(config: Qwen2Config, table: list[Entry], tensors: SafetensorsDir, 
     if expected_paths != set(flat):
         raise ConfigError(f"name table and model disagree on parameters: {sorted(expected_paths ^ set(flat))}")
     return params
-
-
-def _get(tree, path):
-    for key in path:
-        tree = tree[key]
-    return tree
 
 
 def _build_leaf(shape, dtype, sharding, entries: list[Entry], tensors: SafetensorsDir) -> jax.Array:

@@ -13,24 +13,12 @@ import jax.numpy as jnp
 from qwen2_jax.config import Qwen2Config
 from qwen2_jax.model import per_layer_name
 from qwen2_jax.options import RunOptions
-from qwen2_jax.params import param_logical_axes, param_shardings
+from qwen2_jax.params import param_logical_axes, param_shardings, tree_get, tree_set
 from qwen2_jax.sharding import mesh_of
 
 
 def is_checkpoint_layout(options: RunOptions) -> bool:
     return options.layer_layout == "stacked" and options.kernel_layout == "in_out"
-
-
-def _get(tree, path):
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
-def _set(tree: dict, path, value) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
 
 
 def _permutation(src_axes: tuple, dst_axes: tuple) -> tuple[int, ...] | None:
@@ -64,15 +52,15 @@ def relayout(config: Qwen2Config, params: dict, options: RunOptions, consume: bo
                 src = src[key]
             if per_layer:
                 targets = [(per_layer_name(layer),) + rest for layer in layer_ids]
-                perm = _permutation(src[1:], _get(dst_axes, targets[0]))
+                perm = _permutation(src[1:], tree_get(dst_axes, targets[0]))
             else:
                 targets = [(segment,) + rest]
-                perm = _permutation(src, _get(dst_axes, targets[0]))
+                perm = _permutation(src, tree_get(dst_axes, targets[0]))
             moved = _move_fn(
-                len(layer_ids) if per_layer else None, perm, tuple(_get(dst_shardings, t) for t in targets)
+                len(layer_ids) if per_layer else None, perm, tuple(tree_get(dst_shardings, t) for t in targets)
             )(leaf)
             for target, value in zip(targets, moved):
-                _set(out, target, value)
+                tree_set(out, target, value)
             if consume:
                 leaf.delete()
             del leaf

@@ -81,3 +81,17 @@ def init_params(
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+def tree_get(tree, path):
+    """The leaf (or subtree) of a nested dict at a tuple of keys."""
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def tree_set(tree: dict, path, value) -> None:
+    """Put `value` at a tuple of keys, creating the dicts on the way."""
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value

@@ -26,22 +26,10 @@ import jax.numpy as jnp
 from qwen2_jax.config import Qwen2Config
 from qwen2_jax.matmul import Int8Kernel, check_quantize, quantize_int8
 from qwen2_jax.options import RunOptions, quantize_of
-from qwen2_jax.params import abstract_params, param_logical_axes, param_shardings
+from qwen2_jax.params import abstract_params, param_logical_axes, param_shardings, tree_get, tree_set
 from qwen2_jax.sharding import mesh_of
 
 SCALE_SUFFIX = "_scale"
-
-
-def _get(tree, path):
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
-def _set(tree: dict, path, value) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
 
 
 def quantize_params(
@@ -64,10 +52,10 @@ def quantize_params(
         path = tuple(k.key for k in path)
         if leaf.dtype != jnp.int8:
             if not path[-1].endswith(SCALE_SUFFIX):
-                _set(out, path, _get(params, path))
+                tree_set(out, path, tree_get(params, path))
             continue
         scale_path = path[:-1] + (path[-1] + SCALE_SUFFIX,)
-        shardings = (_get(q_shardings, path), _get(q_shardings, scale_path))
+        shardings = (tree_get(q_shardings, path), tree_get(q_shardings, scale_path))
         if path == ("lm_head_int8",):
             tied = config.tie_word_embeddings
             source = params["embed_tokens"] if tied else params["lm_head"]
@@ -75,14 +63,14 @@ def quantize_params(
             if consume and not tied:
                 source.delete()
         else:
-            kernel_axes, scale_axes = _get(q_axes, path), _get(q_axes, scale_path)
+            kernel_axes, scale_axes = tree_get(q_axes, path), tree_get(q_axes, scale_path)
             in_axes = tuple(i for i, name in enumerate(kernel_axes) if name not in scale_axes)
-            source = _get(params, path)
+            source = tree_get(params, path)
             quantized = _quantize_fn(in_axes, False, shardings)(source)
             if consume:
                 source.delete()
-        _set(out, path, quantized.values)
-        _set(out, scale_path, quantized.scale)
+        tree_set(out, path, quantized.values)
+        tree_set(out, scale_path, quantized.scale)
         del source
     if consume:
         params.clear()
