@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 BASE_STAMP := $(VENV)/.installed-base
 
-.PHONY: test test-slow test-all test-numerics-isa demo install
+.PHONY: test test-slow test-all test-numerics-isa test-aot demo install
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,21 @@ NUMERICS_TESTS := tests/test_parity_dense.py tests/test_moe.py tests/test_moe_bl
 ISA_CAP ?= SSE4_2
 test-numerics-isa: $(STAMP)
 	XLA_FLAGS="$$XLA_FLAGS --xla_cpu_max_isa=$(ISA_CAP)" $(PY) -m pytest -q $(NUMERICS_TESTS)
+
+# The ahead-of-time planner's tests with libtpu installed (the aot-tpu extra), slow ones included: a
+# v5e:2x2 slice, the compiler's refusal of a step too big for HBM, and the 72B and 57B-A14B recipes
+# compiled for v5p-256 and v5p-128. Its own venv: with libtpu installed, every `import jax` on a machine
+# without TPUs prints a libtpu start-up error, which .venv's users should not see.
+AOT_VENV := .venv-aot
+AOT_PY := $(AOT_VENV)/bin/python
+AOT_STAMP := $(AOT_VENV)/.installed
+$(AOT_STAMP): pyproject.toml
+	test -x $(AOT_PY) || $(PYTHON) -m venv $(AOT_VENV)
+	$(AOT_PY) -m pip install --quiet --upgrade pip
+	$(AOT_PY) -m pip install --quiet -e ".[aot-tpu]" "pytest>=8"
+	touch $(AOT_STAMP)
+test-aot: $(AOT_STAMP)
+	$(AOT_PY) -m pytest -q -m "" tests/test_train_dry_run.py
 
 # `make demo DEMO_ARGS="--keep out/demo"` keeps what it writes (python -m qwen2_jax.demo --help)
 demo: $(BASE_STAMP)

@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from qwen2_jax.backend import backend
 from qwen2_jax.config import Qwen2Config
 from qwen2_jax.matmul import Int8Kernel, apply_kernel
 from qwen2_jax.options import RunOptions
@@ -200,12 +201,7 @@ _MAX_CAUSAL_BLOCKS = 16  # bounds the unrolled program (and compile time) for lo
 def _fused_attention_available(q_btnh) -> bool:
     """cuDNN flash attention: NVIDIA GPUs, 16-bit activations, head_dim a multiple of 8 up to 256."""
     head_dim = q_btnh.shape[-1]
-    return (
-        jax.default_backend() == "gpu"
-        and q_btnh.dtype in (jnp.bfloat16, jnp.float16)
-        and head_dim % 8 == 0
-        and head_dim <= 256
-    )
+    return backend() == "gpu" and q_btnh.dtype in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 256
 
 
 def attention_core(q_btnh, k_bskh, v_bskh, mask_b1ts, scale, write_index=None):
@@ -215,7 +211,7 @@ def attention_core(q_btnh, k_bskh, v_bskh, mask_b1ts, scale, write_index=None):
     are skipped and, on CPU, queries run in causal blocks."""
     keys_start_at_query_0 = write_index is None or (isinstance(write_index, int) and write_index == 0)
     out_dtype = q_btnh.dtype
-    if q_btnh.dtype == jnp.float16 and jax.default_backend() == "cpu":
+    if q_btnh.dtype == jnp.float16 and backend() == "cpu":
         # XLA:CPU has no F16_F16_F32 dot; float32 scores are what the fp16 path accumulates in anyway
         q_btnh, k_bskh, v_bskh = (a.astype(jnp.float32) for a in (q_btnh, k_bskh, v_bskh))
     t = q_btnh.shape[1]
@@ -230,7 +226,7 @@ def attention_core(q_btnh, k_bskh, v_bskh, mask_b1ts, scale, write_index=None):
         )
         return out.astype(out_dtype)
     block = max(_CAUSAL_BLOCK, -(-t // _MAX_CAUSAL_BLOCKS))
-    if not keys_start_at_query_0 or t <= block or jax.default_backend() != "cpu":
+    if not keys_start_at_query_0 or t <= block or backend() != "cpu":
         out = jax.nn.dot_product_attention(q_btnh, k_bskh, v_bskh, mask=mask_b1ts, scale=scale, implementation=None)
         return out.astype(out_dtype)
     outs = []

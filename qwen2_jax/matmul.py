@@ -35,6 +35,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from qwen2_jax.backend import backend
+
 MATMULS = ("auto", "einsum", "gemm")
 QUANTIZE_FORMATS = ("int8",)
 
@@ -64,7 +66,7 @@ def uses_gemm(matmul: str, kernel_dtype, compute_dtype) -> bool:
         return False
     kernel_dtype = jnp.dtype(kernel_dtype)
     return (
-        jax.default_backend() == "cpu"
+        backend() == "cpu"
         and kernel_dtype == jnp.dtype(compute_dtype)
         and kernel_dtype in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
     )

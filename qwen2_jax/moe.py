@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from qwen2_jax.backend import backend
 from qwen2_jax.config import Qwen2Config
 from qwen2_jax.layers import MLP, normal_init, param
 from qwen2_jax.options import MOE_EXCHANGES, MOE_IMPLS, RunOptions
@@ -58,7 +59,7 @@ def _resolve_impl(impl: str) -> str:
     if impl == "auto":
         # XLA:CPU expands ragged_dot into a dense dot over every group (measured ~2x slower than a
         # one-hot einsum over all experts); the tiled grouped matmul is its CPU replacement.
-        return "tiled" if jax.default_backend() == "cpu" else "ragged_dot"
+        return "tiled" if backend() == "cpu" else "ragged_dot"
     return impl
 
 
@@ -286,7 +287,7 @@ def sharded_experts(ctx: ShardingContext, x_nd, weights_nk, idx_nk, w_gate, w_up
     use_a2a = exchange_tokens and exchange == "ragged_all_to_all"
     if use_a2a and len(e_axes) != 1:
         raise ValueError(f"ragged_all_to_all exchange needs experts on one mesh axis, got {e_axes}")
-    emulate = jax.default_backend() == "cpu"
+    emulate = backend() == "cpu"
     num_local = w_gate.shape[0] // ep
 
     tok_spec = P(tok_axes or None, None)

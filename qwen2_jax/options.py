@@ -8,9 +8,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 
+from qwen2_jax.backend import backend
 from qwen2_jax.matmul import MATMULS, check_quantize
 from qwen2_jax.sharding import ShardingContext
 
@@ -107,4 +107,4 @@ def quantize_of(params) -> str | None:
 def default_kernel_layout(on_mesh: bool) -> str:
     """[out, in] kernels where they were measured faster (XLA:CPU, one device); the checkpoint's
     orientation elsewhere."""
-    return "out_in" if jax.default_backend() == "cpu" and not on_mesh else "in_out"
+    return "out_in" if backend() == "cpu" and not on_mesh else "in_out"

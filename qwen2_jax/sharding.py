@@ -91,7 +91,40 @@ def make_mesh(
     if total != len(devices):
         raise ShardingError(f"mesh {sizes} needs {total} devices but {len(devices)} are available")
     shape = tuple(sizes[a] for a in MESH_AXES)
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    slices = sorted({getattr(d, "slice_index", 0) for d in devices})
+    if len(slices) > 1:
+        return _multi_slice_mesh(sizes, devices, len(slices), axis_types)
+    try:
+        return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+    except NotImplementedError:
+        # An axis that is no product of whole torus axes (8 on a 4x4x4 v5p slice): split a physical axis.
+        from jax.experimental import mesh_utils
+
+        try:
+            grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+        except (NotImplementedError, ValueError) as e:
+            raise ShardingError(f"mesh {sizes} does not map onto the devices' torus: {e}") from None
+        return Mesh(grid, MESH_AXES, axis_types=axis_types)
+
+
+def _multi_slice_mesh(sizes: dict[str, int], devices, num_slices: int, axis_types) -> Mesh:
+    """TPU slices joined by the data-center network: the `data` axis spans the slices (only gradients
+    cross between them, once per step), every other axis stays inside a slice (ICI)."""
+    from jax.experimental import mesh_utils
+
+    if sizes["data"] % num_slices:
+        raise ShardingError(
+            f"mesh axis data ({sizes['data']}) must be a multiple of the {num_slices} slices: it is the axis that "
+            "spans them"
+        )
+    inner = (sizes["data"] // num_slices,) + tuple(sizes[a] for a in MESH_AXES[1:])
+    outer = (num_slices,) + (1,) * (len(MESH_AXES) - 1)
+    try:
+        grid = mesh_utils.create_hybrid_device_mesh(inner, outer, devices, allow_split_physical_axes=True)
+    except ValueError as e:
+        raise ShardingError(f"mesh {sizes} over {num_slices} slices: {e}") from None
+    return Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
 @dataclasses.dataclass(frozen=True)

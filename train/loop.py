@@ -84,11 +84,12 @@ class Run:
         return self.train_step.lower(self.abstract_state(), self.abstract_batch()).compile()
 
 
-def build_run(config: TrainConfig) -> Run:
-    """Mesh, model, optimizer and the jitted steps; raises UsageError for a mesh or batch that does not fit."""
+def build_run(config: TrainConfig, devices=None) -> Run:
+    """Mesh, model, optimizer and the jitted steps; raises UsageError for a mesh or batch that does not fit.
+    devices: the mesh's devices when not this job's (the compile-only devices of `--dry-run --topology`)."""
     source = ms.resolve_model(config.model, config.model_overrides)
     try:
-        mesh = ms.build_mesh(dataclasses.asdict(config.mesh))
+        mesh = ms.build_mesh(dataclasses.asdict(config.mesh), devices)
     except ms.ShardingError as e:
         raise UsageError(f"mesh: {e}") from None
     ways = ms.batch_axes_size(mesh)
@@ -102,8 +103,9 @@ def build_run(config: TrainConfig) -> Run:
             f"batch_size {config.batch_size}{micro} is not divisible by the data-parallel mesh axes "
             f"(data x fsdp x expert = {ways})"
         )
-    if config.batch_size % jax.process_count():
-        raise UsageError(f"batch_size {config.batch_size} is not divisible by the {jax.process_count()} processes")
+    processes = jax.process_count() if devices is None else len({d.process_index for d in devices})
+    if config.batch_size % processes:
+        raise UsageError(f"batch_size {config.batch_size} is not divisible by the {processes} processes")
     setup = ms.ModelSetup(
         source.config,
         mesh,

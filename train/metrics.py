@@ -16,17 +16,21 @@ from typing import Any
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 
-# Peak dense bfloat16 matmul FLOP/s per device, by jax `device_kind` prefix. MFU is reported against
-# these (the usual convention) and left out on devices not listed, e.g. CPUs.
+# Peak dense bfloat16 matmul FLOP/s per device, by jax `device_kind` prefix, first match wins. MFU is
+# reported against these (the usual convention) and left out on devices not listed, e.g. CPUs. The one
+# table: training's MFU and `qwen2-train --dry-run`'s both read it. TPU device kinds as JAX reports them:
+# v5p is "TPU v5" (one device per chip, megacore), v5e "TPU v5 lite", v6e "TPU v6 lite", v4 "TPU v4".
 PEAK_FLOPS = (
     ("NVIDIA H200", 989e12),
     ("NVIDIA H100 PCIe", 756e12),
     ("NVIDIA H100", 989e12),
     ("NVIDIA A100", 312e12),
-    ("TPU v6", 918e12),
-    ("TPU v5p", 459e12),
+    ("TPU v6 lite", 918e12),
+    ("TPU v6e", 918e12),
     ("TPU v5 lite", 197e12),
     ("TPU v5e", 197e12),
+    ("TPU v5p", 459e12),
+    ("TPU v5", 459e12),
     ("TPU v4", 275e12),
 )
 

@@ -63,9 +63,10 @@ def resolve_model(spec: str, overrides: dict[str, Any] | None = None) -> ModelSo
     return ModelSource(config, None)
 
 
-def build_mesh(sizes: dict[str, int]) -> Mesh:
-    """Mesh over all devices of all processes; ShardingError when the sizes do not fit the device count."""
-    return make_mesh(**{a: sizes[a] for a in MESH_AXES})
+def build_mesh(sizes: dict[str, int], devices=None) -> Mesh:
+    """Mesh over all devices of all processes (or the given ones, e.g. a TPU topology's compile-only
+    devices); ShardingError when the sizes do not fit the device count."""
+    return make_mesh(**{a: sizes[a] for a in MESH_AXES}, devices=devices)
 
 
 def batch_axes_size(mesh: Mesh) -> int:
