@@ -198,6 +198,23 @@ def test_bad_input_exits_2_with_one_line(tmp_path, cache_dir, overrides, match):
     assert lines[0].startswith("qwen2-train: error:") and match in lines[0], lines[0]
 
 
+def test_resuming_with_another_model_exits_2_and_keeps_the_checkpoint_loadable(unbroken_run, tmp_path, cache_dir):
+    """The run's checkpoints describe their model in config.json: a rerun with another architecture must
+    name the difference in one line, before it rewrites that file or touches the arrays."""
+    import shutil
+
+    import qwen2_jax
+
+    output_dir = str(tmp_path / "run")
+    shutil.copytree(unbroken_run, output_dir)
+    result = _run(_command(output_dir, cache_dir, "model_overrides.hidden_size=128"), timeout=300)
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "another model (hidden_size 64 there, 128 now)" in lines[0], result.stderr
+    config, _ = qwen2_jax.load_checkpoint(os.path.join(output_dir, "checkpoints"))
+    assert config.hidden_size == 64
+
+
 def test_missing_config_file_exits_2(tmp_path):
     result = _run([sys.executable, "-m", "train", "--config", str(tmp_path / "nope.yaml")], timeout=300)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr

@@ -14,6 +14,7 @@ mid-save leaves the previous checkpoint as the latest; leftovers are removed at 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -21,6 +22,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from qwen2_jax.config import Qwen2Config
+from qwen2_jax.safetensors_io import CheckpointError
 from train.model_setup import params_handler, params_save_args
 from train.train_step import TrainState
 
@@ -49,6 +52,26 @@ class CheckpointStore:
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
+
+    def check_same_model(self, config: Qwen2Config) -> None:
+        """Before resuming (and before this run rewrites config.json): the saved checkpoints must be of
+        `config`'s architecture, else a CheckpointError names the fields that differ (restoring would
+        otherwise fail deep inside Orbax on the first mismatched array)."""
+        path = os.path.join(self.directory, "config.json")
+        if self.latest_step() is None or not os.path.exists(path):
+            return
+        saved = Qwen2Config.from_hf(path)
+        if saved == config:
+            return
+        differ = [
+            f"{f.name} {getattr(saved, f.name)} there, {getattr(config, f.name)} now"
+            for f in dataclasses.fields(config)
+            if f.compare and getattr(saved, f.name) != getattr(config, f.name)
+        ]
+        raise CheckpointError(
+            f"{self.directory} holds checkpoints of another model ({'; '.join(differ)}): "
+            "resume with the model it was trained with, or give another output_dir"
+        )
 
     def save(self, state: TrainState, meta: dict[str, Any], *, wait: bool = False) -> None:
         """Start saving the state (device-to-host copies happen before this returns; the writes go on

@@ -179,6 +179,7 @@ def _train(run: Run, data: DataProvider, store: CheckpointStore, start_time: flo
     train_iter = data.train_iterator(
         global_batch_size=config.batch_size, seed=config.seed, process_index=share_index, process_count=share_count
     )
+    store.check_same_model(setup.config)
     if process_index == 0:
         setup.write_checkpoint_files(store.directory, source=f"qwen2-train {config.model}")
 
