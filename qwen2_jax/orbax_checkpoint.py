@@ -24,8 +24,10 @@ step is used).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import os
 from typing import Any
 
@@ -215,9 +217,30 @@ def open_checkpoint(path: str) -> OrbaxCheckpoint:
     return OrbaxCheckpoint(directory, params_dir, meta_dir, metadata, config, prefix, top)
 
 
+class _StepMetadataElsewhere(logging.Filter):
+    """Orbax's Checkpointer warns when the directory it reads lacks `_CHECKPOINT_METADATA`. In a training
+    checkpoint that file sits one level up, in the step directory (CheckpointManager writes it there),
+    and converted checkpoints never had one: the warning reports nothing wrong, so it is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Metadata file does not exist")
+
+
+@contextlib.contextmanager
+def _reading_params_dir():
+    quiet = _StepMetadataElsewhere()
+    logger = logging.getLogger("absl")
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+
+
 def _stored_tree(params_dir: str) -> dict:
     try:
-        item = ocp.PyTreeCheckpointer().metadata(os.path.abspath(params_dir)).item_metadata
+        with _reading_params_dir():
+            item = ocp.PyTreeCheckpointer().metadata(os.path.abspath(params_dir)).item_metadata
     except Exception as e:  # Orbax raises many types for a damaged directory
         raise CheckpointError(f"{params_dir}: unreadable Orbax checkpoint ({type(e).__name__}: {e})") from None
     if item is None:  # Orbax logs and swallows the reason
@@ -265,10 +288,11 @@ def restore(path: str, dtype=None, mesh=None):
     )
     for key in reversed(ckpt.prefix):
         restore_args, abstract = {key: restore_args}, {key: abstract}
-    params = ocp.PyTreeCheckpointer().restore(
-        ckpt.params_dir,
-        args=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args, partial_restore=bool(ckpt.prefix)),
-    )
+    with _reading_params_dir():
+        params = ocp.PyTreeCheckpointer().restore(
+            ckpt.params_dir,
+            args=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args, partial_restore=bool(ckpt.prefix)),
+        )
     for key in ckpt.prefix:
         params = params[key]
     return ckpt.config, params

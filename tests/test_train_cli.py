@@ -122,11 +122,13 @@ def test_loss_falls_within_12_steps_with_metrics_and_eval(unbroken_run, unbroken
     assert any(name.startswith("events.out.tfevents") for name in events)
 
 
-def test_checkpoint_loads_for_generation_and_converts_to_hf(unbroken_run, tmp_path):
+def test_checkpoint_loads_for_generation_and_converts_to_hf(unbroken_run, tmp_path, caplog):
     import qwen2_jax
 
     checkpoints = os.path.join(unbroken_run, "checkpoints")
-    config, params = qwen2_jax.load_checkpoint(checkpoints)
+    with caplog.at_level("WARNING"):
+        config, params = qwen2_jax.load_checkpoint(checkpoints)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"], caplog.text  # a clean load says nothing
     assert config.num_hidden_layers == 2 and config.vocab_size == 151936
     assert len(qwen2_jax.generate(config, params, [[9707, 11, 1879]], 3)[0]) == 3
     hf_dir = str(tmp_path / "hf")
