@@ -12,14 +12,18 @@ point (`apply_kernel`).
   sends 1-row bf16 dots to its float32 path. For float32 kernels the 2-D form avoids a transposed
   copy XLA:CPU makes of every 3-D attention kernel ([heads, head_dim, d]) at every decode step:
   float32 decode at batch 1 went from 171 to 94 ms per step (same run, contended machine).
-- int8 kernels (`Int8Kernel`: int8 values, one float32 scale per output channel) always use
-  `int8_dot`: the activations are written as two int8 digits per row (hi * s + lo * s / 254, a
-  16-bit fixed-point split of each row, finer than bfloat16 for every value above 1/128 of the row's
-  largest), multiplied with the int8 weights by an int8 dot accumulated exactly in int32, and scaled
-  in float32. Weight-only in accuracy (the activations keep 16 bits), and it reads the weights as
-  int8: dequantizing them instead materialises a float copy per piece, which on XLA:CPU (no fusion
-  of a convert into a dot) measured 109 ms per decode step against 44 ms for this form (Qwen2-0.5B
-  shapes, batch 1; bfloat16 kernels: 85 ms).
+- int8 kernels (`Int8Kernel`: int8 values, one float32 scale per output channel) use `int8_dot`
+  for few rows (decode; everywhere on GPU/TPU): the activations are written as two int8 digits per
+  row (hi * s + lo * s / 254, a 16-bit fixed-point split of each row, finer than bfloat16 for every
+  value above 1/128 of the row's largest), multiplied with the int8 weights by an int8 dot
+  accumulated exactly in int32, and scaled in float32. Weight-only in accuracy (the activations
+  keep 16 bits), and it reads the weights as int8: dequantizing them instead materialises a float
+  copy per piece, which on XLA:CPU (no fusion of a convert into a dot) measured 109 ms per decode
+  step against 44 ms for this form (Qwen2-0.5B shapes, batch 1; bfloat16 kernels: 85 ms). XLA:CPU's
+  int8 dot is compute-bound, though, and the two digits double its rows: from `INT8_AS_FLOAT_ROWS`
+  rows on (prefill, large batches) the CPU converts the int8 kernel to the activations' float type
+  instead (exact) and runs one float GEMM,
+  where the conversion's cost is shared by many rows (`int8_as_float_dot`).
 
 The "cache-sized pieces" formulation (convert row pieces of the weight to float32 inside a loop, one
 float32 dot per piece) was measured and not used: XLA:CPU's convert fusions ran at ~9 G elements/s,
@@ -122,7 +126,9 @@ def apply_kernel(spec: str, x, w, *, matmul: str, compute_dtype, out_dtype=None)
     else:
         w_shape_out = values.shape[: values.ndim - k]
         w2 = values.reshape(-1, in_size)
-    if quantized:
+    if quantized and rows.shape[0] >= INT8_AS_FLOAT_ROWS and backend() == "cpu":
+        y = int8_as_float_dot(rows, w2, w.scale.reshape(-1), in_first)
+    elif quantized:
         y = int8_dot(rows, w2, w.scale.reshape(-1), in_first)
     else:
         y = gemm_dot(rows, w2.astype(compute_dtype), in_first)
@@ -163,6 +169,23 @@ def int8_dot(rows_mk, values, scale_n, in_first: bool):
     digits, s_hi, s_lo = int8_digits(rows_mk)
     acc = _dot(digits, values, in_first, jnp.int32).astype(jnp.float32)
     return (acc[:m] * s_hi + acc[m:] * s_lo) * scale_n.astype(jnp.float32)
+
+
+# XLA:CPU's int8 dot is compute-bound from a few rows on: per [k=896, n=4864] kernel, measured on this
+# project's 2-core CPU (ms, two-digit int8 / int8 converted to bf16 + bf16 GEMM): 1 row 0.21 / 0.62,
+# 8 rows 0.38 / 0.68, 32 rows 0.87 / 1.11, 64 rows 1.73 / 1.53, 128 rows 3.21 / 1.59, 256 rows
+# 6.66 / 3.07. From 64 rows on (prefill, large batches) the converted form is faster.
+INT8_AS_FLOAT_ROWS = 64
+
+
+def int8_as_float_dot(rows_mk, values, scale_n, in_first: bool):
+    """The int8 product for many rows on CPU: the int8 kernel converted to the activations' 16-bit
+    float (exact: every int8 value is a bfloat16 and a float16) or to float32, one float GEMM with
+    float32 accumulation, then the per-channel scale. Same numbers as `int8_dot` up to the order of
+    the float32 sums; float16 activations take float32 (XLA:CPU has no float16 GEMM)."""
+    dtype = jnp.bfloat16 if rows_mk.dtype == jnp.bfloat16 else jnp.float32
+    acc = gemm_dot(rows_mk.astype(dtype), values.astype(dtype), in_first)
+    return acc * scale_n.astype(jnp.float32)
 
 
 def quantize_int8(w, in_axes: tuple[int, ...]) -> Int8Kernel:

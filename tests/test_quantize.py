@@ -14,7 +14,15 @@ from qwen2_jax import cli
 from qwen2_jax.config import Qwen2Config
 from qwen2_jax.forward import forward_outputs
 from qwen2_jax.generate import GenerateOptions, Generator
-from qwen2_jax.matmul import dequantize, int8_digits, int8_dot, quantize_int8
+from qwen2_jax.matmul import (
+    INT8_AS_FLOAT_ROWS,
+    apply_kernel,
+    dequantize,
+    int8_as_float_dot,
+    int8_digits,
+    int8_dot,
+    quantize_int8,
+)
 from qwen2_jax.quantize import quantize_params
 from qwen2_jax.sharding import make_mesh
 
@@ -48,6 +56,29 @@ def test_int8_dot_equals_the_dequantized_product():
         s_lo
     )
     assert np.abs(rebuilt - x).max() <= np.abs(x).max() / 127 / 254  # 16-bit fixed point per row
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("in_first", [False, True])
+def test_many_rows_on_cpu_take_the_float_gemm_with_the_same_numbers(dtype, in_first):
+    """From INT8_AS_FLOAT_ROWS rows on, XLA:CPU multiplies the int8 kernel as a float GEMM; its results
+    match the dequantized product as closely as the two-digit form's, and the choice is by row count."""
+    rng = np.random.RandomState(2)
+    rows = INT8_AS_FLOAT_ROWS
+    x = jnp.asarray(rng.randn(rows, 64), dtype)
+    w = rng.randn(48, 64).astype(np.float32)
+    q = quantize_int8(jnp.asarray(w.T if in_first else w), (0,) if in_first else (1,))
+    deq = np.asarray(dequantize(q, (0,) if in_first else (1,)), np.float64)
+    ref = np.asarray(x, np.float64) @ (deq if in_first else deq.T)
+    float_form = np.asarray(int8_as_float_dot(x, q.values, q.scale, in_first))
+    digit_form = np.asarray(int8_dot(x, q.values, q.scale, in_first))
+    bound = 2e-4 * np.abs(ref).max()
+    np.testing.assert_allclose(float_form, ref, rtol=0, atol=bound)
+    np.testing.assert_allclose(digit_form, ref, rtol=0, atol=bound)
+    spec = "bi,io->bo" if in_first else "bi,oi->bo"
+    for m, form in ((rows - 1, digit_form), (rows, float_form)):
+        got = apply_kernel(spec, x[:m], q, matmul="auto", compute_dtype=dtype, out_dtype=jnp.float32)
+        np.testing.assert_allclose(np.asarray(got), form[:m], rtol=1e-6, atol=1e-6 * np.abs(ref).max())
 
 
 TINY = Qwen2Config(
