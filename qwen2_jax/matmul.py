@@ -143,6 +143,24 @@ def gemm_dot(rows_mk, w, in_first: bool):
     return _dot(rows_mk, w, in_first, jnp.float32)[:m]
 
 
+# The int8 product's form by the number of activation rows (module docstring: measured crossovers).
+INT8_WEIGHT_LHS_MAX_ROWS = 4
+INT8_DIGITS_MAX_ROWS = 48
+INT8_DIGITS_MAX_ROWS_LARGE = 128
+LARGE_KERNEL_ELEMENTS = 1 << 24  # a float copy of more than this leaves the CPU caches (an LM head)
+INT8_FORMS = ("digits_weight_lhs", "digits", "dequantize")
+
+
+def int8_form(rows: int, kernel_elements: int, in_first: bool) -> str:
+    """Which int8 product form `int8_dot` uses for `rows` activation rows (module docstring)."""
+    large = kernel_elements > LARGE_KERNEL_ELEMENTS
+    if rows > (INT8_DIGITS_MAX_ROWS_LARGE if large else INT8_DIGITS_MAX_ROWS):
+        return "dequantize"
+    if rows <= INT8_WEIGHT_LHS_MAX_ROWS and not in_first:
+        return "digits_weight_lhs"
+    return "digits"
+
+
 def int8_digits(rows_mk):
     """Each row as two int8 digits: rows ~= hi * s_hi + lo * s_lo with s_lo = s_hi / 254, s_hi the
     row's absmax / 127. Returns (digits int8 [2m, k]: hi rows then lo rows, s_hi [m, 1], s_lo [m, 1])."""
@@ -155,14 +173,31 @@ def int8_digits(rows_mk):
     return jnp.concatenate([hi, lo], axis=0).astype(jnp.int8), s_hi, s_lo
 
 
-def int8_dot(rows_mk, values, scale_n, in_first: bool):
+def int8_dot(rows_mk, values, scale_n, in_first: bool, form: str | None = None):
     """[m, k] activations x int8 kernel ([k, n] if in_first else [n, k]) with per-output-channel
-    scales [n] -> float32 [m, n]. Integer products accumulate exactly in int32 (|sum| <= 127 * 127 * k,
-    below 2**31 for k < 133000)."""
+    scales [n] -> float32 [m, n], in `form` (default: `int8_form`'s choice for m rows). Integer
+    products accumulate exactly in int32 (|sum| <= 127 * 127 * k, below 2**31 for k < 133000)."""
     m = rows_mk.shape[0]
+    form = form or int8_form(m, values.size, in_first)
+    scale = scale_n.astype(jnp.float32)
+    if form == "dequantize":
+        # int8 values are exact in bfloat16 and float32; the scale is applied to the float32 product.
+        # The barrier ties the convert to this call's activations: inside the decode loop XLA would
+        # otherwise hoist it out of the loop (a float copy of every kernel per generate call).
+        float_dtype = jnp.bfloat16 if rows_mk.dtype == jnp.bfloat16 else jnp.float32
+        values, rows_mk = jax.lax.optimization_barrier((values, rows_mk))
+        return gemm_dot(rows_mk.astype(float_dtype), values.astype(float_dtype), in_first) * scale
     digits, s_hi, s_lo = int8_digits(rows_mk)
-    acc = _dot(digits, values, in_first, jnp.int32).astype(jnp.float32)
-    return (acc[:m] * s_hi + acc[m:] * s_lo) * scale_n.astype(jnp.float32)
+    if form == "digits_weight_lhs":
+        # the kernel as the dot's left operand: kernel x [2m, k] -> [n, 2m], then transposed
+        contract = (0,) if in_first else (1,)
+        acc = jax.lax.dot_general(values, digits, ((contract, (1,)), ((), ())), preferred_element_type=jnp.int32).T
+    elif form == "digits":
+        acc = _dot(digits, values, in_first, jnp.int32)
+    else:
+        raise ValueError(f"unknown int8 form {form!r} (choose from {', '.join(INT8_FORMS)})")
+    acc = acc.astype(jnp.float32)
+    return (acc[:m] * s_hi + acc[m:] * s_lo) * scale
 
 
 def quantize_int8(w, in_axes: tuple[int, ...]) -> Int8Kernel:
