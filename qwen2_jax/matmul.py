@@ -173,6 +173,16 @@ def int8_digits(rows_mk):
     return jnp.concatenate([hi, lo], axis=0).astype(jnp.int8), s_hi, s_lo
 
 
+def _zero_from(rows_mk):
+    """A scalar 0 computed from the activations, which XLA cannot fold (NaN converts to integer 0).
+    Added to an int8 kernel before its float convert it makes the convert wait for this call's
+    activations: without it XLA:CPU schedules every layer's convert at the start of a prefill (a
+    float copy of the whole model live at once), and inside the decode loop it hoists the convert
+    (as int8 -> float32, then float32 -> bfloat16 in the loop: a float32 copy of every kernel per
+    generate call). An optimization barrier is removed before scheduling and prevents neither."""
+    return jnp.minimum(jnp.abs(rows_mk[0, 0].astype(jnp.float32)), 0.0)
+
+
 def int8_dot(rows_mk, values, scale_n, in_first: bool, form: str | None = None):
     """[m, k] activations x int8 kernel ([k, n] if in_first else [n, k]) with per-output-channel
     scales [n] -> float32 [m, n], in `form` (default: `int8_form`'s choice for m rows). Integer
@@ -182,11 +192,9 @@ def int8_dot(rows_mk, values, scale_n, in_first: bool, form: str | None = None):
     scale = scale_n.astype(jnp.float32)
     if form == "dequantize":
         # int8 values are exact in bfloat16 and float32; the scale is applied to the float32 product.
-        # The barrier ties the convert to this call's activations: inside the decode loop XLA would
-        # otherwise hoist it out of the loop (a float copy of every kernel per generate call).
         float_dtype = jnp.bfloat16 if rows_mk.dtype == jnp.bfloat16 else jnp.float32
-        values, rows_mk = jax.lax.optimization_barrier((values, rows_mk))
-        return gemm_dot(rows_mk.astype(float_dtype), values.astype(float_dtype), in_first) * scale
+        w = (values + _zero_from(rows_mk).astype(values.dtype)).astype(float_dtype)
+        return gemm_dot(rows_mk.astype(float_dtype), w, in_first) * scale
     digits, s_hi, s_lo = int8_digits(rows_mk)
     if form == "digits_weight_lhs":
         # the kernel as the dot's left operand: kernel x [2m, k] -> [n, 2m], then transposed
