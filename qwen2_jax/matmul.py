@@ -12,14 +12,32 @@ point (`apply_kernel`).
   sends 1-row bf16 dots to its float32 path. For float32 kernels the 2-D form avoids a transposed
   copy XLA:CPU makes of every 3-D attention kernel ([heads, head_dim, d]) at every decode step:
   float32 decode at batch 1 went from 171 to 94 ms per step (same run, contended machine).
-- int8 kernels (`Int8Kernel`: int8 values, one float32 scale per output channel) always use
-  `int8_dot`: the activations are written as two int8 digits per row (hi * s + lo * s / 254, a
-  16-bit fixed-point split of each row, finer than bfloat16 for every value above 1/128 of the row's
-  largest), multiplied with the int8 weights by an int8 dot accumulated exactly in int32, and scaled
-  in float32. Weight-only in accuracy (the activations keep 16 bits), and it reads the weights as
-  int8: dequantizing them instead materialises a float copy per piece, which on XLA:CPU (no fusion
-  of a convert into a dot) measured 109 ms per decode step against 44 ms for this form (Qwen2-0.5B
-  shapes, batch 1; bfloat16 kernels: 85 ms).
+- int8 kernels (`Int8Kernel`: int8 values, one float32 scale per output channel) use `int8_dot`, in
+  one of two forms chosen by the number of activation rows (`int8_form`):
+  - "digits" (few rows: decode): the activations are written as two int8 digits per row (hi * s +
+    lo * s / 254, a 16-bit fixed-point split of each row, finer than bfloat16 for every value above
+    1/128 of the row's largest), multiplied with the int8 weights by an int8 dot accumulated exactly
+    in int32, and scaled in float32. Weight-only in accuracy, and it reads the weights as int8 (one
+    byte a weight: 44 ms per decode step at batch 1 against 85 for bfloat16 kernels when built).
+  - "dequantize" (many rows: prefill, large batches): the int8 values converted to bfloat16 (exact),
+    the bf16 GEMM above, the scale applied to the float32 product. XLA:CPU's int8 dot (YNNPACK; only
+    s8 x s8 reaches it, u8 or s16 operands took 4-10x longer) is compute-bound from a few rows on, at
+    or below the bf16 GEMM's rate per row, and the digits double the rows: [m, 896] x [896, 4864],
+    m = 256: 6.5 ms as digits, 2.5 ms bf16, 2.8-3.1 ms dequantized. The convert is tied to the
+    call's activations (`_zero_from`): untied, XLA:CPU converted every layer at the start of a
+    prefill and hoisted the convert out of the decode loop (as a float32 copy of the model).
+  Crossover, whole generate calls (Qwen2-0.5B shapes, bf16, decode ms/step, digits vs dequantize vs
+  our bf16 kernels, interleaved): batch 4: 34.7 / 38.3 / 46.8; batch 8: 51.0 / 48.2 / 51.8; batch 16:
+  79.2 / 70.8 / 63.5; batch 32: 134 / 109 / 93; batch 64: 239 / 196 / 159. Prefill (32-token
+  prompts) dequantized: batch 1 208 ms against 217 as digits (bf16 kernels 209), batch 8 470 against
+  766 (bf16 440). So digits up to 4 rows, dequantize above; above 8 decode rows int8 costs 10-25%
+  over bf16 kernels per step (the convert, ~10 G elements/s, is paid every step). The LM head (more
+  than 2**24 elements, its bf16 copy far beyond the caches) dequantizes slowly (136 M elements:
+  40-80 ms) and keeps digits up to 128 rows (64 rows: 83 ms as digits, 108 dequantized; 256: 325
+  against 207). Not used: a single int8 digit per row (per-row int8 activations, W8A8) halves the
+  digit rows but rounds every activation to 1/254 of its row's largest, a large error next to an
+  outlier channel; the kernel as the int8 dot's left operand (faster in isolation at 1-4 rows, no
+  difference measured in generate).
 
 The "cache-sized pieces" formulation (convert row pieces of the weight to float32 inside a loop, one
 float32 dot per piece) was measured and not used: XLA:CPU's convert fusions ran at ~9 G elements/s,
@@ -144,21 +162,16 @@ def gemm_dot(rows_mk, w, in_first: bool):
 
 
 # The int8 product's form by the number of activation rows (module docstring: measured crossovers).
-INT8_WEIGHT_LHS_MAX_ROWS = 4
-INT8_DIGITS_MAX_ROWS = 48
+INT8_DIGITS_MAX_ROWS = 4
 INT8_DIGITS_MAX_ROWS_LARGE = 128
 LARGE_KERNEL_ELEMENTS = 1 << 24  # a float copy of more than this leaves the CPU caches (an LM head)
-INT8_FORMS = ("digits_weight_lhs", "digits", "dequantize")
+INT8_FORMS = ("digits", "dequantize")
 
 
-def int8_form(rows: int, kernel_elements: int, in_first: bool) -> str:
+def int8_form(rows: int, kernel_elements: int) -> str:
     """Which int8 product form `int8_dot` uses for `rows` activation rows (module docstring)."""
     large = kernel_elements > LARGE_KERNEL_ELEMENTS
-    if rows > (INT8_DIGITS_MAX_ROWS_LARGE if large else INT8_DIGITS_MAX_ROWS):
-        return "dequantize"
-    if rows <= INT8_WEIGHT_LHS_MAX_ROWS and not in_first:
-        return "digits_weight_lhs"
-    return "digits"
+    return "digits" if rows <= (INT8_DIGITS_MAX_ROWS_LARGE if large else INT8_DIGITS_MAX_ROWS) else "dequantize"
 
 
 def int8_digits(rows_mk):
@@ -188,23 +201,17 @@ def int8_dot(rows_mk, values, scale_n, in_first: bool, form: str | None = None):
     scales [n] -> float32 [m, n], in `form` (default: `int8_form`'s choice for m rows). Integer
     products accumulate exactly in int32 (|sum| <= 127 * 127 * k, below 2**31 for k < 133000)."""
     m = rows_mk.shape[0]
-    form = form or int8_form(m, values.size, in_first)
+    form = form or int8_form(m, values.size)
     scale = scale_n.astype(jnp.float32)
     if form == "dequantize":
         # int8 values are exact in bfloat16 and float32; the scale is applied to the float32 product.
         float_dtype = jnp.bfloat16 if rows_mk.dtype == jnp.bfloat16 else jnp.float32
         w = (values + _zero_from(rows_mk).astype(values.dtype)).astype(float_dtype)
         return gemm_dot(rows_mk.astype(float_dtype), w, in_first) * scale
-    digits, s_hi, s_lo = int8_digits(rows_mk)
-    if form == "digits_weight_lhs":
-        # the kernel as the dot's left operand: kernel x [2m, k] -> [n, 2m], then transposed
-        contract = (0,) if in_first else (1,)
-        acc = jax.lax.dot_general(values, digits, ((contract, (1,)), ((), ())), preferred_element_type=jnp.int32).T
-    elif form == "digits":
-        acc = _dot(digits, values, in_first, jnp.int32)
-    else:
+    if form != "digits":
         raise ValueError(f"unknown int8 form {form!r} (choose from {', '.join(INT8_FORMS)})")
-    acc = acc.astype(jnp.float32)
+    digits, s_hi, s_lo = int8_digits(rows_mk)
+    acc = _dot(digits, values, in_first, jnp.int32).astype(jnp.float32)
     return (acc[:m] * s_hi + acc[m:] * s_lo) * scale
 
 
