@@ -28,9 +28,11 @@ bfloat16-vs-float32 agreement printed beside the int8 one).
 
 Printed: KL(int8 || bf16) and KL(bf16 || int8) of the next-token distributions, averaged over every
 position, greedy (argmax) agreement between int8 and bf16 over those positions, and for scale the
-same between bfloat16 and float32. Also the same figures for "int8 weights, float activations": the
-int8 kernels dequantized and multiplied in float32, which separates the error of the weights' int8
-rounding from that of the two-digit activation split `matmul.int8_dot` uses.
+same between bfloat16 and float32. Also the same figures for "int8, every product as two digits":
+a forward over many positions takes `matmul.int8_dot`'s dequantized form (bf16 activations, exact
+int8 values), decode steps the two-digit activation split, so this line measures what decode
+computes; and for "int8 weights, float activations": the int8 kernels dequantized and multiplied in
+float32, which separates the error of the weights' int8 rounding from that of the activations'.
 """
 
 from __future__ import annotations
@@ -100,12 +102,27 @@ def trained_like_params(config, seed: int):
     return jax.tree_util.tree_unflatten(tree, [perturb(p, leaf, n) for (p, leaf), n in zip(flat, names)])
 
 
-def _int8_weights_only_logits(config, int8_params, ids):
-    """Logits with every int8 kernel dequantized and multiplied in float32 (the activations exact)."""
+def _int8_logits_with(config, int8_params, ids, product):
+    """Logits of the int8 params with `product` standing in for `matmul.int8_dot`."""
     import jax
-    import jax.numpy as jnp
 
     import qwen2_jax
+    from qwen2_jax import matmul
+
+    saved = matmul.int8_dot
+    matmul.int8_dot = product
+    jax.clear_caches()  # the int8 forward compiled before must be traced again with this product
+    try:
+        return np.asarray(qwen2_jax.forward(config, int8_params, ids)).reshape(-1, config.vocab_size)
+    finally:
+        matmul.int8_dot = saved
+        jax.clear_caches()
+
+
+def _int8_weights_only_logits(config, int8_params, ids):
+    """Logits with every int8 kernel dequantized and multiplied in float32 (the activations exact)."""
+    import jax.numpy as jnp
+
     from qwen2_jax import matmul
 
     def float_dot(rows_mk, values, scale_n, in_first):
@@ -113,14 +130,17 @@ def _int8_weights_only_logits(config, int8_params, ids):
         y = matmul._dot(rows_mk.astype(jnp.float32), w, in_first, jnp.float32)
         return y * scale_n.astype(jnp.float32)
 
-    saved = matmul.int8_dot
-    matmul.int8_dot = float_dot
-    jax.clear_caches()  # the int8 forward compiled above must be traced again with the float product
-    try:
-        return np.asarray(qwen2_jax.forward(config, int8_params, ids)).reshape(-1, config.vocab_size)
-    finally:
-        matmul.int8_dot = saved
-        jax.clear_caches()
+    return _int8_logits_with(config, int8_params, ids, float_dot)
+
+
+def _int8_digits_logits(config, int8_params, ids):
+    """Logits with every int8 product in the two-digit form decode steps use (a forward over many
+    positions takes the dequantized form, `matmul.int8_form`)."""
+    import functools
+
+    from qwen2_jax import matmul
+
+    return _int8_logits_with(config, int8_params, ids, functools.partial(matmul.int8_dot, form="digits"))
 
 
 def log_softmax(x):
@@ -206,6 +226,7 @@ def main(argv=None):
         for name, p in (("bf16", bf16), ("int8", int8), ("f32", f32))
     }
     logits["int8_weights_only"] = _int8_weights_only_logits(config, int8, ids)
+    logits["int8_digits"] = _int8_digits_logits(config, int8, ids)
     top1 = float(np.mean(np.exp(np.max(log_softmax(logits["bf16"]), axis=-1))))
     result = {
         "weights": weights,
@@ -215,6 +236,10 @@ def main(argv=None):
         "kl_int8_bf16": kl(logits["int8"], logits["bf16"]),
         "kl_bf16_int8": kl(logits["bf16"], logits["int8"]),
         "greedy_agreement_int8_bf16": float(np.mean(logits["int8"].argmax(-1) == logits["bf16"].argmax(-1))),
+        "kl_int8_digits_bf16": kl(logits["int8_digits"], logits["bf16"]),
+        "greedy_agreement_int8_digits_bf16": float(
+            np.mean(logits["int8_digits"].argmax(-1) == logits["bf16"].argmax(-1))
+        ),
         "kl_int8_weights_only_bf16": kl(logits["int8_weights_only"], logits["bf16"]),
         "greedy_agreement_int8_weights_only_bf16": float(
             np.mean(logits["int8_weights_only"].argmax(-1) == logits["bf16"].argmax(-1))
@@ -229,6 +254,10 @@ def main(argv=None):
     print(
         f"KL(int8 || bf16) = {result['kl_int8_bf16']:.2e}   KL(bf16 || int8) = {result['kl_bf16_int8']:.2e}   "
         f"greedy agreement {100 * result['greedy_agreement_int8_bf16']:.1f}%"
+    )
+    print(
+        f"int8, every product as two digits (decode's form): KL(. || bf16) = {result['kl_int8_digits_bf16']:.2e}   "
+        f"greedy agreement {100 * result['greedy_agreement_int8_digits_bf16']:.1f}%"
     )
     print(
         f"int8 weights, float32 activations: KL(. || bf16) = {result['kl_int8_weights_only_bf16']:.2e}   "

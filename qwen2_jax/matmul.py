@@ -12,18 +12,32 @@ point (`apply_kernel`).
   sends 1-row bf16 dots to its float32 path. For float32 kernels the 2-D form avoids a transposed
   copy XLA:CPU makes of every 3-D attention kernel ([heads, head_dim, d]) at every decode step:
   float32 decode at batch 1 went from 171 to 94 ms per step (same run, contended machine).
-- int8 kernels (`Int8Kernel`: int8 values, one float32 scale per output channel) use `int8_dot`
-  for few rows (decode; everywhere on GPU/TPU): the activations are written as two int8 digits per
-  row (hi * s + lo * s / 254, a 16-bit fixed-point split of each row, finer than bfloat16 for every
-  value above 1/128 of the row's largest), multiplied with the int8 weights by an int8 dot
-  accumulated exactly in int32, and scaled in float32. Weight-only in accuracy (the activations
-  keep 16 bits), and it reads the weights as int8: dequantizing them instead materialises a float
-  copy per piece, which on XLA:CPU (no fusion of a convert into a dot) measured 109 ms per decode
-  step against 44 ms for this form (Qwen2-0.5B shapes, batch 1; bfloat16 kernels: 85 ms). XLA:CPU's
-  int8 dot is compute-bound, though, and the two digits double its rows: from `INT8_AS_FLOAT_ROWS`
-  rows on (prefill, large batches) the CPU converts the int8 kernel to the activations' float type
-  instead (exact) and runs one float GEMM,
-  where the conversion's cost is shared by many rows (`int8_as_float_dot`).
+- int8 kernels (`Int8Kernel`: int8 values, one float32 scale per output channel) use `int8_dot`, in
+  one of two forms chosen by the number of activation rows (`int8_form`):
+  - "digits" (few rows: decode): the activations are written as two int8 digits per row (hi * s +
+    lo * s / 254, a 16-bit fixed-point split of each row, finer than bfloat16 for every value above
+    1/128 of the row's largest), multiplied with the int8 weights by an int8 dot accumulated exactly
+    in int32, and scaled in float32. Weight-only in accuracy, and it reads the weights as int8 (one
+    byte a weight: 44 ms per decode step at batch 1 against 85 for bfloat16 kernels when built).
+  - "dequantize" (many rows: prefill, large batches): the int8 values converted to bfloat16 (exact),
+    the bf16 GEMM above, the scale applied to the float32 product. XLA:CPU's int8 dot (YNNPACK; only
+    s8 x s8 reaches it, u8 or s16 operands took 4-10x longer) is compute-bound from a few rows on, at
+    or below the bf16 GEMM's rate per row, and the digits double the rows: [m, 896] x [896, 4864],
+    m = 256: 6.5 ms as digits, 2.5 ms bf16, 2.8-3.1 ms dequantized. The convert is tied to the
+    call's activations (`_zero_from`): untied, XLA:CPU converted every layer at the start of a
+    prefill and hoisted the convert out of the decode loop (as a float32 copy of the model).
+  Crossover, whole generate calls (Qwen2-0.5B shapes, bf16, decode ms/step, digits vs dequantize vs
+  our bf16 kernels, interleaved): batch 4: 34.7 / 38.3 / 46.8; batch 8: 51.0 / 48.2 / 51.8; batch 16:
+  79.2 / 70.8 / 63.5; batch 32: 134 / 109 / 93; batch 64: 239 / 196 / 159. Prefill (32-token
+  prompts) dequantized: batch 1 208 ms against 217 as digits (bf16 kernels 209), batch 8 470 against
+  766 (bf16 440). So digits up to 4 rows, dequantize above; above 8 decode rows int8 costs 10-25%
+  over bf16 kernels per step (the convert, ~10 G elements/s, is paid every step). The LM head (more
+  than 2**24 elements, its bf16 copy far beyond the caches) dequantizes slowly (136 M elements:
+  40-80 ms) and keeps digits up to 128 rows (64 rows: 83 ms as digits, 108 dequantized; 256: 325
+  against 207). Not used: a single int8 digit per row (per-row int8 activations, W8A8) halves the
+  digit rows but rounds every activation to 1/254 of its row's largest, a large error next to an
+  outlier channel; the kernel as the int8 dot's left operand (faster in isolation at 1-4 rows, no
+  difference measured in generate).
 
 The "cache-sized pieces" formulation (convert row pieces of the weight to float32 inside a loop, one
 float32 dot per piece) was measured and not used: XLA:CPU's convert fusions ran at ~9 G elements/s,
@@ -126,9 +140,7 @@ def apply_kernel(spec: str, x, w, *, matmul: str, compute_dtype, out_dtype=None)
     else:
         w_shape_out = values.shape[: values.ndim - k]
         w2 = values.reshape(-1, in_size)
-    if quantized and rows.shape[0] >= INT8_AS_FLOAT_ROWS and backend() == "cpu":
-        y = int8_as_float_dot(rows, w2, w.scale.reshape(-1), in_first)
-    elif quantized:
+    if quantized:
         y = int8_dot(rows, w2, w.scale.reshape(-1), in_first)
     else:
         y = gemm_dot(rows, w2.astype(compute_dtype), in_first)
@@ -149,6 +161,19 @@ def gemm_dot(rows_mk, w, in_first: bool):
     return _dot(rows_mk, w, in_first, jnp.float32)[:m]
 
 
+# The int8 product's form by the number of activation rows (module docstring: measured crossovers).
+INT8_DIGITS_MAX_ROWS = 4
+INT8_DIGITS_MAX_ROWS_LARGE = 128
+LARGE_KERNEL_ELEMENTS = 1 << 24  # a float copy of more than this leaves the CPU caches (an LM head)
+INT8_FORMS = ("digits", "dequantize")
+
+
+def int8_form(rows: int, kernel_elements: int) -> str:
+    """Which int8 product form `int8_dot` uses for `rows` activation rows (module docstring)."""
+    large = kernel_elements > LARGE_KERNEL_ELEMENTS
+    return "digits" if rows <= (INT8_DIGITS_MAX_ROWS_LARGE if large else INT8_DIGITS_MAX_ROWS) else "dequantize"
+
+
 def int8_digits(rows_mk):
     """Each row as two int8 digits: rows ~= hi * s_hi + lo * s_lo with s_lo = s_hi / 254, s_hi the
     row's absmax / 127. Returns (digits int8 [2m, k]: hi rows then lo rows, s_hi [m, 1], s_lo [m, 1])."""
@@ -161,31 +186,33 @@ def int8_digits(rows_mk):
     return jnp.concatenate([hi, lo], axis=0).astype(jnp.int8), s_hi, s_lo
 
 
-def int8_dot(rows_mk, values, scale_n, in_first: bool):
+def _zero_from(rows_mk):
+    """A scalar 0 computed from the activations, which XLA cannot fold (NaN converts to integer 0).
+    Added to an int8 kernel before its float convert it makes the convert wait for this call's
+    activations: without it XLA:CPU schedules every layer's convert at the start of a prefill (a
+    float copy of the whole model live at once), and inside the decode loop it hoists the convert
+    (as int8 -> float32, then float32 -> bfloat16 in the loop: a float32 copy of every kernel per
+    generate call). An optimization barrier is removed before scheduling and prevents neither."""
+    return jnp.minimum(jnp.abs(rows_mk[0, 0].astype(jnp.float32)), 0.0)
+
+
+def int8_dot(rows_mk, values, scale_n, in_first: bool, form: str | None = None):
     """[m, k] activations x int8 kernel ([k, n] if in_first else [n, k]) with per-output-channel
-    scales [n] -> float32 [m, n]. Integer products accumulate exactly in int32 (|sum| <= 127 * 127 * k,
-    below 2**31 for k < 133000)."""
+    scales [n] -> float32 [m, n], in `form` (default: `int8_form`'s choice for m rows). Integer
+    products accumulate exactly in int32 (|sum| <= 127 * 127 * k, below 2**31 for k < 133000)."""
     m = rows_mk.shape[0]
+    form = form or int8_form(m, values.size)
+    scale = scale_n.astype(jnp.float32)
+    if form == "dequantize":
+        # int8 values are exact in bfloat16 and float32; the scale is applied to the float32 product.
+        float_dtype = jnp.bfloat16 if rows_mk.dtype == jnp.bfloat16 else jnp.float32
+        w = (values + _zero_from(rows_mk).astype(values.dtype)).astype(float_dtype)
+        return gemm_dot(rows_mk.astype(float_dtype), w, in_first) * scale
+    if form != "digits":
+        raise ValueError(f"unknown int8 form {form!r} (choose from {', '.join(INT8_FORMS)})")
     digits, s_hi, s_lo = int8_digits(rows_mk)
     acc = _dot(digits, values, in_first, jnp.int32).astype(jnp.float32)
-    return (acc[:m] * s_hi + acc[m:] * s_lo) * scale_n.astype(jnp.float32)
-
-
-# XLA:CPU's int8 dot is compute-bound from a few rows on: per [k=896, n=4864] kernel, measured on this
-# project's 2-core CPU (ms, two-digit int8 / int8 converted to bf16 + bf16 GEMM): 1 row 0.21 / 0.62,
-# 8 rows 0.38 / 0.68, 32 rows 0.87 / 1.11, 64 rows 1.73 / 1.53, 128 rows 3.21 / 1.59, 256 rows
-# 6.66 / 3.07. From 64 rows on (prefill, large batches) the converted form is faster.
-INT8_AS_FLOAT_ROWS = 64
-
-
-def int8_as_float_dot(rows_mk, values, scale_n, in_first: bool):
-    """The int8 product for many rows on CPU: the int8 kernel converted to the activations' 16-bit
-    float (exact: every int8 value is a bfloat16 and a float16) or to float32, one float GEMM with
-    float32 accumulation, then the per-channel scale. Same numbers as `int8_dot` up to the order of
-    the float32 sums; float16 activations take float32 (XLA:CPU has no float16 GEMM)."""
-    dtype = jnp.bfloat16 if rows_mk.dtype == jnp.bfloat16 else jnp.float32
-    acc = gemm_dot(rows_mk.astype(dtype), values.astype(dtype), in_first)
-    return acc * scale_n.astype(jnp.float32)
+    return (acc[:m] * s_hi + acc[m:] * s_lo) * scale
 
 
 def quantize_int8(w, in_axes: tuple[int, ...]) -> Int8Kernel:

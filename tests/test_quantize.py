@@ -15,12 +15,13 @@ from qwen2_jax.config import Qwen2Config
 from qwen2_jax.forward import forward_outputs
 from qwen2_jax.generate import GenerateOptions, Generator
 from qwen2_jax.matmul import (
-    INT8_AS_FLOAT_ROWS,
-    apply_kernel,
+    INT8_DIGITS_MAX_ROWS,
+    INT8_DIGITS_MAX_ROWS_LARGE,
+    LARGE_KERNEL_ELEMENTS,
     dequantize,
-    int8_as_float_dot,
     int8_digits,
     int8_dot,
+    int8_form,
     quantize_int8,
 )
 from qwen2_jax.quantize import quantize_params
@@ -58,27 +59,60 @@ def test_int8_dot_equals_the_dequantized_product():
     assert np.abs(rebuilt - x).max() <= np.abs(x).max() / 127 / 254  # 16-bit fixed point per row
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 @pytest.mark.parametrize("in_first", [False, True])
-def test_many_rows_on_cpu_take_the_float_gemm_with_the_same_numbers(dtype, in_first):
-    """From INT8_AS_FLOAT_ROWS rows on, XLA:CPU multiplies the int8 kernel as a float GEMM; its results
-    match the dequantized product as closely as the two-digit form's, and the choice is by row count."""
+@pytest.mark.parametrize("rows", [1, 3, 9])
+def test_each_int8_form_equals_the_dequantized_product(rows, in_first):
+    """Both forms, forced, against the float64 product of the activations as given (bf16 or float32)
+    with the dequantized kernel: "digits" within its 16-bit activation split, "dequantize" within
+    float32 accumulation (int8 values are exact in bf16 and float32)."""
     rng = np.random.RandomState(2)
-    rows = INT8_AS_FLOAT_ROWS
-    x = jnp.asarray(rng.randn(rows, 64), dtype)
-    w = rng.randn(48, 64).astype(np.float32)
+    x = rng.randn(rows, 64).astype(np.float32)
+    x[0, 5] = 50.0  # an outlier activation
+    w = rng.randn(48, 64).astype(np.float32)  # [out, in]
     q = quantize_int8(jnp.asarray(w.T if in_first else w), (0,) if in_first else (1,))
-    deq = np.asarray(dequantize(q, (0,) if in_first else (1,)), np.float64)
-    ref = np.asarray(x, np.float64) @ (deq if in_first else deq.T)
-    float_form = np.asarray(int8_as_float_dot(x, q.values, q.scale, in_first))
-    digit_form = np.asarray(int8_dot(x, q.values, q.scale, in_first))
-    bound = 2e-4 * np.abs(ref).max()
-    np.testing.assert_allclose(float_form, ref, rtol=0, atol=bound)
-    np.testing.assert_allclose(digit_form, ref, rtol=0, atol=bound)
-    spec = "bi,io->bo" if in_first else "bi,oi->bo"
-    for m, form in ((rows - 1, digit_form), (rows, float_form)):
-        got = apply_kernel(spec, x[:m], q, matmul="auto", compute_dtype=dtype, out_dtype=jnp.float32)
-        np.testing.assert_allclose(np.asarray(got), form[:m], rtol=1e-6, atol=1e-6 * np.abs(ref).max())
+    w_deq = np.asarray(dequantize(q, (0,) if in_first else (1,)), np.float64)
+    w_deq = w_deq if in_first else w_deq.T  # [in, out]
+    for dtype in (jnp.float32, jnp.bfloat16):
+        x_in = jnp.asarray(x).astype(dtype)
+        ref = np.asarray(x_in.astype(jnp.float32), np.float64) @ w_deq
+        for form, tol in (("digits", 2e-4), ("dequantize", 1e-6)):
+            got = np.asarray(int8_dot(x_in, q.values, q.scale, in_first, form))
+            assert got.shape == ref.shape and got.dtype == np.float32
+            np.testing.assert_allclose(got, ref, rtol=0, atol=tol * np.abs(ref).max(), err_msg=f"{form} {dtype}")
+
+
+def test_int8_form_by_row_count():
+    small, large = 896 * 4864, LARGE_KERNEL_ELEMENTS + 1
+    assert int8_form(1, small) == int8_form(INT8_DIGITS_MAX_ROWS, small) == "digits"
+    assert int8_form(INT8_DIGITS_MAX_ROWS + 1, small) == "dequantize"
+    assert int8_form(INT8_DIGITS_MAX_ROWS_LARGE, large) == "digits"
+    assert int8_form(INT8_DIGITS_MAX_ROWS_LARGE + 1, large) == "dequantize"
+    # and int8_dot follows it: an int32 dot for digits, none when dequantizing
+    v, s = jnp.zeros((48, 64), jnp.int8), jnp.ones((48,), jnp.float32)
+    for rows, int_dot in ((INT8_DIGITS_MAX_ROWS, True), (INT8_DIGITS_MAX_ROWS + 1, False)):
+        jaxpr = str(jax.make_jaxpr(lambda x: int8_dot(x, v, s, False))(jnp.ones((rows, 64), jnp.bfloat16)))
+        assert ("preferred_element_type=int32" in jaxpr) == int_dot, rows
+    with pytest.raises(ValueError, match="unknown int8 form"):
+        int8_dot(jnp.ones((2, 64)), v, s, False, "int4")
+
+
+def test_dequantize_form_is_not_hoisted_out_of_a_loop():
+    """The kernel's float copy stays inside the loop that uses it: XLA hoists an untied convert out of
+    it (a float copy of every kernel per generate call)."""
+    v = jnp.asarray(np.random.RandomState(3).randint(-127, 128, (48, 40)).astype(np.int8))  # [out, in]
+    s = jnp.ones((48,), jnp.float32)
+
+    def loop(x, v, s, steps):
+        def body(i, x):
+            return x + int8_dot(x, v, s, False, "dequantize")[:, :40].astype(x.dtype) * 1e-3
+
+        return jax.lax.fori_loop(0, steps, body, x)
+
+    hlo = jax.jit(loop).lower(jnp.ones((8, 40), jnp.bfloat16), v, s, 3).compile().as_text()
+    entry = hlo[hlo.index("\nENTRY") :]
+    assert " while(" in entry
+    outside = entry.split(" while(")[0]
+    assert not any(f"{t}[48,40]" in outside for t in ("bf16", "f32")), outside
 
 
 TINY = Qwen2Config(
