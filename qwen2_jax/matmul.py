@@ -48,11 +48,13 @@ weights), and XLA upcasts any bf16 slice or barrier, so pieces of a bf16 array c
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from qwen2_jax import cpu_kernels
 from qwen2_jax.backend import backend
 
 MATMULS = ("auto", "einsum", "gemm")
@@ -121,6 +123,8 @@ def apply_kernel(spec: str, x, w, *, matmul: str, compute_dtype, out_dtype=None)
     out_dtype = jnp.dtype(out_dtype or compute_dtype)
     x = x.astype(compute_dtype)
     quantized = isinstance(w, Int8Kernel)
+    if matmul == "auto" and uses_cpu_gemv(spec, x, w, compute_dtype):
+        return _cpu_gemv(spec, x, w, quantized).astype(out_dtype)
     if not quantized and not uses_gemm(matmul, w.dtype, compute_dtype):
         preferred = jnp.float32 if out_dtype == jnp.float32 else None
         return jnp.einsum(spec, x, w.astype(compute_dtype), preferred_element_type=preferred).astype(out_dtype)
@@ -145,6 +149,36 @@ def apply_kernel(spec: str, x, w, *, matmul: str, compute_dtype, out_dtype=None)
     else:
         y = gemm_dot(rows, w2.astype(compute_dtype), in_first)
     return y.reshape(lead_shape + tuple(w_shape_out)).astype(out_dtype)
+
+
+def uses_cpu_gemv(spec: str, x, w, compute_dtype) -> bool:
+    """Whether "auto" multiplies by `qwen2_jax.cpu_gemv`'s kernel: on CPU, an [out, in] kernel, at most
+    `cpu_kernels.MAX_ROWS` activation rows (decode), and a product whose numbers it reproduces (int8,
+    or a float kernel in the compute dtype or computed in float32)."""
+    plan = _plan(spec)
+    if backend() != "cpu" or plan is None or plan[2]:
+        return False
+    rows = 1
+    for d in x.shape[: plan[0]]:
+        rows *= d
+    if rows > cpu_kernels.MAX_ROWS:
+        return False
+    if not isinstance(w, Int8Kernel):
+        if jnp.dtype(compute_dtype) not in (jnp.dtype(w.dtype), jnp.dtype(jnp.float32)):
+            return False
+        if jnp.dtype(w.dtype) not in tuple(jnp.dtype(t) for t in (jnp.float32, jnp.bfloat16, jnp.float16)):
+            return False
+    return cpu_kernels.available()
+
+
+def _cpu_gemv(spec: str, x, w, quantized: bool):
+    n_free, k, _ = _plan(spec)
+    values = w.values if quantized else w
+    lead_shape = x.shape[:n_free]
+    w_shape_out = values.shape[: values.ndim - k]
+    rows = x.reshape(math.prod(lead_shape), -1)
+    y = cpu_kernels.gemv(rows, values.reshape(math.prod(w_shape_out), -1), w.scale.reshape(-1) if quantized else None)
+    return y.reshape(lead_shape + tuple(w_shape_out))
 
 
 def _dot(rows_mk, w, in_first: bool, preferred):
