@@ -177,11 +177,22 @@ def process_logits(logits_bv, mode: SamplingMode, values: SamplingValues, seen_b
     return cand_bc, ids_bc
 
 
+def first_argmax(x_bv):
+    """jnp.argmax over the last axis (the first maximal index; the first NaN if any) as two plain
+    reductions, a max and a min over indices. XLA:CPU runs argmax's paired (value, index) reduction
+    unvectorized: [8, 151936] float32 took 2.6 ms against 0.55 ms this way (a decode step at batch 8
+    is ~40 ms)."""
+    top_b1 = jnp.max(x_bv, axis=-1, keepdims=True)  # NaN if the row holds one
+    iota_bv = jax.lax.broadcasted_iota(jnp.int32, x_bv.shape, x_bv.ndim - 1)
+    hits_bv = (x_bv == top_b1) | jnp.isnan(x_bv)
+    return jnp.min(jnp.where(hits_bv, iota_bv, x_bv.shape[-1]), axis=-1)
+
+
 def select_tokens(logits_bv, mode: SamplingMode, values: SamplingValues, keys_b=None, seen_bv=None):
     """Next token per row: argmax (greedy) or a draw from softmax(processed logits)."""
     cand_bc, ids_bc = process_logits(logits_bv, mode, values, seen_bv)
     if mode.greedy:
-        choice_b = jnp.argmax(cand_bc, axis=-1)
+        choice_b = first_argmax(cand_bc)
     else:
         choice_b = jax.vmap(jax.random.categorical)(keys_b, cand_bc)
     if ids_bc is not None:
