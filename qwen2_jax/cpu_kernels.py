@@ -46,6 +46,7 @@ MAX_ROWS = 8
 _TARGET = "qwen2_gemv"
 _TARGET_SCALED = "qwen2_gemv_scaled"
 _TARGET_TAKE = "qwen2_take_rows"
+_TARGET_INT8 = "qwen2_gemv_int8"
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 
 
@@ -120,6 +121,7 @@ def _library() -> ctypes.CDLL | None:
     jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.Qwen2Gemv), platform="cpu")
     jax.ffi.register_ffi_target(_TARGET_SCALED, jax.ffi.pycapsule(lib.Qwen2GemvScaled), platform="cpu")
     jax.ffi.register_ffi_target(_TARGET_TAKE, jax.ffi.pycapsule(lib.Qwen2TakeRows), platform="cpu")
+    jax.ffi.register_ffi_target(_TARGET_INT8, jax.ffi.pycapsule(lib.Qwen2GemvInt8), platform="cpu")
     return lib
 
 
@@ -135,6 +137,13 @@ def has_bf16_dot() -> bool:
     return lib is not None and bool(lib.qwen2_gemv_has_bf16_dot())
 
 
+def has_int8_dot() -> bool:
+    """Whether the build multiplies int8 weights by int16 activations (AVX512-VNNI); without it int8
+    weights are widened to float32 and multiplied by the float32 activations."""
+    lib = _library()
+    return lib is not None and bool(lib.qwen2_gemv_has_int8_dot())
+
+
 def _activations(rows_mk, w_nk):
     if rows_mk.dtype == jnp.bfloat16 and w_nk.dtype == jnp.bfloat16 and has_bf16_dot():
         return rows_mk
@@ -143,6 +152,10 @@ def _activations(rows_mk, w_nk):
 
 def _call(rows_mk, w_nk, scale_n):
     out = jax.ShapeDtypeStruct((rows_mk.shape[0], w_nk.shape[0]), jnp.float32)
+    if w_nk.dtype == jnp.int8 and scale_n is not None and has_int8_dot():
+        x = rows_mk if rows_mk.dtype == jnp.bfloat16 else rows_mk.astype(jnp.float32)
+        call = jax.ffi.ffi_call(_TARGET_INT8, out, vmap_method="sequential")
+        return call(x, w_nk, scale_n.astype(jnp.float32))
     x = _activations(rows_mk, w_nk)
     if scale_n is None:
         return jax.ffi.ffi_call(_TARGET, out, vmap_method="sequential")(x, w_nk)
@@ -181,7 +194,9 @@ _gemv.defvjp(_gemv_fwd, _gemv_bwd)
 
 def gemv(rows_mk, w_nk, scale_n=None):
     """float32 [m, n] = rows [m, k] x w [n, k]^T (x scale [n] when given), float32 accumulation.
-    w: float32, bfloat16, float16 or int8. Call only when `available()`."""
+    w: float32, bfloat16, float16 or int8. With AVX512-VNNI, int8 weights multiply the rows written
+    as int16 with a scale per row (absmax / 32767: 15 bits, finer than bfloat16 above 1/128 of the
+    row's largest value), accumulated exactly in int32. Call only when `available()`."""
     return _gemv(rows_mk, w_nk, scale_n)
 
 

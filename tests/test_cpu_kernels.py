@@ -56,7 +56,26 @@ def test_gemv_equals_the_float64_product(w_dtype, rows, n, k):
         assert got.dtype == np.float32 and got.shape == (rows, n)
         # float32 accumulation over k terms: a few ulps of the sum of |products|
         bound = 4 * np.finfo(np.float32).eps * np.sqrt(k) * _reference(jnp.abs(x), jnp.abs(w), scale).max()
-        np.testing.assert_allclose(got, want, rtol=0, atol=bound)
+        if w_dtype == "int8" and cpu_kernels.has_int8_dot():
+            # the VNNI kernel rounds each activation row to int16 steps of absmax / 32767
+            step_m1 = np.abs(np.asarray(x, np.float64)).max(axis=1, keepdims=True) / 32767
+            bound = bound + 0.5 * step_m1 * _reference(jnp.ones_like(x), jnp.abs(w), scale)
+        np.testing.assert_array_less(np.abs(got - want), bound + 1e-30)
+
+
+def test_int8_activation_rows_keep_15_bits():
+    """The VNNI kernel's int16 rows: relative to each row's largest value, the product errs by at
+    most half a step of 1/32767 per term; a row of zeros gives zeros (no division by zero)."""
+    if not cpu_kernels.has_int8_dot():
+        pytest.skip("no AVX512-VNNI: int8 weights are widened to float32 (exact)")
+    k = 256
+    w = jnp.ones((3, k), jnp.int8)
+    scale = jnp.ones((3,), jnp.float32)
+    x = jnp.zeros((2, k), jnp.float32).at[1, 0].set(1.0).at[1, 1].set(0.5 / 32767)
+    got = np.asarray(cpu_kernels.gemv(x, w, scale))
+    assert np.all(got[0] == 0)
+    # 1 + 0.5/32767 rounds to 1 + 0 or 1 + 1/32767 (ties to even: 0)
+    np.testing.assert_allclose(got[1], 1.0, rtol=0, atol=1.01 / 32767)
 
 
 def test_bf16_activations_take_the_bf16_dot_when_the_cpu_has_it():
