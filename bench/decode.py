@@ -14,7 +14,8 @@ Reported per batch size: end-to-end tokens/s (prefill + 32 steps, as HF generate
 decode-only time per step ((t(32 new) - t(1 new)) / 31), and at batch 1 the fraction of the memory
 roofline: (weight bytes read per step / measured read bandwidth) / measured step time. The read
 bandwidth is the best of a jitted float32 matvec over a 512 MiB matrix and a sum over a 1 GiB array;
-the roofline counts the bytes of the weights as our generator holds them (bfloat16: 2 bytes a
+on CPU also `qwen2_jax.cpu_kernels.gemv` over the same matrix (decode's matvec, which reads faster than
+XLA's); the roofline counts the bytes of the weights as our generator holds them (bfloat16: 2 bytes a
 weight; int8: 1, plus the scales). `--quantize int8` adds a generator with int8 kernels (HF and our
 float generator stay in --dtype) and prints its speed over our float one, per repeat.
 `--layer-layouts per_layer,stacked` also times the nn.scan layer loop (the checkpoint layout as is).
@@ -68,6 +69,13 @@ def read_bandwidth() -> float:
     matvec = jax.jit(lambda w, x: w @ x)
     matvec(w, x).block_until_ready()
     results.append(w.nbytes / best_time(lambda w=w: matvec(w, x).block_until_ready(), 10))
+    from qwen2_jax import cpu_kernels
+
+    if jax.default_backend() == "cpu" and cpu_kernels.available():  # decode's own matvec reads faster
+        gemv = jax.jit(cpu_kernels.gemv)
+        rows = x[None, :]
+        gemv(rows, w).block_until_ready()
+        results.append(w.nbytes / best_time(lambda w=w: gemv(rows, w).block_until_ready(), 10))
     del w
     big = jnp.ones((1 << 28,), jnp.float32)  # 1 GiB
     total = jax.jit(jnp.sum)

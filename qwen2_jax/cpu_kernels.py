@@ -200,10 +200,29 @@ def gemv(rows_mk, w_nk, scale_n=None):
     return _gemv(rows_mk, w_nk, scale_n)
 
 
-def take_rows(table_vd, ids):
-    """table[ids] (ids clamped to the table, any shape) -> ids.shape + [d]. Call only when
-    `available()`; not differentiable (generation's embedding lookup)."""
+def _take_rows_call(table_vd, ids):
     flat = ids.reshape(-1).astype(jnp.int32)
     out = jax.ShapeDtypeStruct((flat.shape[0], table_vd.shape[1]), table_vd.dtype)
     rows = jax.ffi.ffi_call(_TARGET_TAKE, out, vmap_method="sequential")(table_vd, flat)
     return rows.reshape(ids.shape + (table_vd.shape[1],))
+
+
+@jax.custom_vjp
+def take_rows(table_vd, ids):
+    """table[ids] (ids clamped to the table, any shape) -> ids.shape + [d]. Call only when
+    `available()`. Differentiable in the table (a scatter-add, as jnp.take's gradient)."""
+    return _take_rows_call(table_vd, ids)
+
+
+def _take_rows_fwd(table_vd, ids):
+    return _take_rows_call(table_vd, ids), (jnp.zeros((0,), table_vd.dtype), table_vd.shape, ids)
+
+
+def _take_rows_bwd(res, d_rows):
+    empty, shape, ids = res
+    flat = jnp.clip(ids.reshape(-1), 0, shape[0] - 1)
+    d_table = jnp.zeros(shape, d_rows.dtype).at[flat].add(d_rows.reshape(-1, shape[1])).astype(empty.dtype)
+    return d_table, None
+
+
+take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)

@@ -228,3 +228,17 @@ def test_a_broken_compiler_warns_once_and_falls_back(tmp_path):
     assert lines[0] == "False False"
     assert lines[1].startswith("1 qwen2_jax: CPU decode kernels unavailable, using XLA's ops (false failed")
     assert not (tmp_path / "kernels").exists() or not any(p.suffix == ".so" for p in (tmp_path / "kernels").iterdir())
+
+
+def test_take_rows_gradient_equals_jnp_take():
+    table = jax.random.normal(jax.random.key(7), (30, 8), jnp.float32).astype(jnp.bfloat16)
+    ids = jnp.array([[1, 4, 1], [29, 0, 4]], jnp.int32)
+    weights = jax.random.normal(jax.random.key(8), (2, 3, 8), jnp.float32)
+
+    def loss(fn):
+        return lambda t: jnp.sum(fn(t, ids).astype(jnp.float32) * weights)
+
+    ours = jax.grad(loss(cpu_kernels.take_rows))(table)
+    ref = jax.grad(loss(lambda t, i: jnp.take(t, i, axis=0)))(table)
+    assert ours.dtype == ref.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(ours, np.float32), np.asarray(ref, np.float32))
