@@ -28,11 +28,12 @@ bfloat16-vs-float32 agreement printed beside the int8 one).
 
 Printed: KL(int8 || bf16) and KL(bf16 || int8) of the next-token distributions, averaged over every
 position, greedy (argmax) agreement between int8 and bf16 over those positions, and for scale the
-same between bfloat16 and float32. Also the same figures for "int8, every product as two digits":
-a forward over many positions takes `matmul.int8_dot`'s dequantized form (bf16 activations, exact
-int8 values), decode steps the two-digit activation split, so this line measures what decode
-computes; and for "int8 weights, float activations": the int8 kernels dequantized and multiplied in
-float32, which separates the error of the weights' int8 rounding from that of the activations'.
+same between bfloat16 and float32. Also the same figures for "int8, every product through the CPU
+decode kernel" and "int8, every product as two digits": a forward over many positions takes
+`matmul.int8_dot`'s dequantized form (bf16 activations, exact int8 values), CPU decode steps the
+kernel's int16 activation rows (`cpu_kernels.gemv`), decode on GPU/TPU the two-digit activation
+split, so these lines measure what decode computes; and for "int8 weights, float activations": the
+int8 kernels dequantized and multiplied in float32, which separates the error of the weights' int8 rounding from that of the activations'.
 """
 
 from __future__ import annotations
@@ -133,9 +134,20 @@ def _int8_weights_only_logits(config, int8_params, ids):
     return _int8_logits_with(config, int8_params, ids, float_dot)
 
 
+def _int8_kernel_logits(config, int8_params, ids):
+    """Logits with every int8 product through the CPU decode kernel (`cpu_kernels.gemv`: activation
+    rows as int16 with a scale per row, exact int32 accumulation), the form CPU decode steps use."""
+    from qwen2_jax import cpu_kernels
+
+    def kernel_dot(rows_mk, values, scale_n, in_first):
+        return cpu_kernels.gemv(rows_mk, values.T if in_first else values, scale_n)
+
+    return _int8_logits_with(config, int8_params, ids, kernel_dot)
+
+
 def _int8_digits_logits(config, int8_params, ids):
-    """Logits with every int8 product in the two-digit form decode steps use (a forward over many
-    positions takes the dequantized form, `matmul.int8_form`)."""
+    """Logits with every int8 product in the two-digit form decode steps use without the CPU kernel
+    (GPU/TPU; a forward over many positions takes the dequantized form, `matmul.int8_form`)."""
     import functools
 
     from qwen2_jax import matmul
@@ -227,6 +239,10 @@ def main(argv=None):
     }
     logits["int8_weights_only"] = _int8_weights_only_logits(config, int8, ids)
     logits["int8_digits"] = _int8_digits_logits(config, int8, ids)
+    from qwen2_jax import cpu_kernels
+
+    if jax.default_backend() == "cpu" and cpu_kernels.available():
+        logits["int8_kernel"] = _int8_kernel_logits(config, int8, ids)
     top1 = float(np.mean(np.exp(np.max(log_softmax(logits["bf16"]), axis=-1))))
     result = {
         "weights": weights,
@@ -239,6 +255,16 @@ def main(argv=None):
         "kl_int8_digits_bf16": kl(logits["int8_digits"], logits["bf16"]),
         "greedy_agreement_int8_digits_bf16": float(
             np.mean(logits["int8_digits"].argmax(-1) == logits["bf16"].argmax(-1))
+        ),
+        **(
+            {
+                "kl_int8_kernel_bf16": kl(logits["int8_kernel"], logits["bf16"]),
+                "greedy_agreement_int8_kernel_bf16": float(
+                    np.mean(logits["int8_kernel"].argmax(-1) == logits["bf16"].argmax(-1))
+                ),
+            }
+            if "int8_kernel" in logits
+            else {}
         ),
         "kl_int8_weights_only_bf16": kl(logits["int8_weights_only"], logits["bf16"]),
         "greedy_agreement_int8_weights_only_bf16": float(
@@ -255,9 +281,16 @@ def main(argv=None):
         f"KL(int8 || bf16) = {result['kl_int8_bf16']:.2e}   KL(bf16 || int8) = {result['kl_bf16_int8']:.2e}   "
         f"greedy agreement {100 * result['greedy_agreement_int8_bf16']:.1f}%"
     )
+    if "kl_int8_kernel_bf16" in result:
+        agree = 100 * result["greedy_agreement_int8_kernel_bf16"]
+        print(
+            f"int8, every product through the CPU decode kernel (int16 rows): KL(. || bf16) = "
+            f"{result['kl_int8_kernel_bf16']:.2e}   greedy agreement {agree:.1f}%"
+        )
+    agree = 100 * result["greedy_agreement_int8_digits_bf16"]
     print(
-        f"int8, every product as two digits (decode's form): KL(. || bf16) = {result['kl_int8_digits_bf16']:.2e}   "
-        f"greedy agreement {100 * result['greedy_agreement_int8_digits_bf16']:.1f}%"
+        f"int8, every product as two digits (decode's form on GPU/TPU): KL(. || bf16) = "
+        f"{result['kl_int8_digits_bf16']:.2e}   greedy agreement {agree:.1f}%"
     )
     print(
         f"int8 weights, float32 activations: KL(. || bf16) = {result['kl_int8_weights_only_bf16']:.2e}   "
