@@ -33,7 +33,8 @@ decode kernel" and "int8, every product as two digits": a forward over many posi
 `matmul.int8_dot`'s dequantized form (bf16 activations, exact int8 values), CPU decode steps the
 kernel's int16 activation rows (`cpu_kernels.gemv`), decode on GPU/TPU the two-digit activation
 split, so these lines measure what decode computes; and for "int8 weights, float activations": the
-int8 kernels dequantized and multiplied in float32, which separates the error of the weights' int8 rounding from that of the activations'.
+int8 kernels dequantized and multiplied in float32, which separates the error of the weights' int8
+rounding from that of the activations'.
 """
 
 from __future__ import annotations
