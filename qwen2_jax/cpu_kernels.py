@@ -17,7 +17,8 @@ embedding: 112 ms of a 220 ms bfloat16 prefill (batch 1, 32 tokens).
 
 The library is compiled from source at first use, for this machine (`-O3 -march=native`), with the
 C++ compiler (`$CXX`, else `c++`) and the FFI headers of the installed jaxlib, into a cache directory
-(`$QWEN2_JAX_CACHE`, else `$XDG_CACHE_HOME/qwen2_jax`, else `~/.cache/qwen2_jax`), named by a hash of
+(`$QWEN2_JAX_CACHE/kernels`, else `$XDG_CACHE_HOME/qwen2-jax/kernels`, else
+`~/.cache/qwen2-jax/kernels`), named by a hash of
 everything that goes into it, written under a temporary name and renamed. Where it cannot be built
 (no compiler, not x86-64) or `QWEN2_JAX_CPU_GEMV=0`, `available()` is False and `qwen2_jax.matmul`
 uses XLA's dot, with one warning saying why.
@@ -54,7 +55,7 @@ def _cache_dir() -> str:
     root = os.environ.get("QWEN2_JAX_CACHE")
     if not root:
         xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        root = os.path.join(xdg, "qwen2_jax")
+        root = os.path.join(xdg, "qwen2-jax")
     return os.path.join(root, "kernels")
 
 
@@ -82,7 +83,10 @@ def _build() -> str:
         raise RuntimeError("no C++ compiler found (set $CXX or install g++)")
     source = importlib.resources.files("qwen2_jax").joinpath("csrc/cpu_kernels.cc").read_bytes()
     include = jax.ffi.include_dir()
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
+    except OSError as e:
+        raise RuntimeError(f"cannot run the C++ compiler {compiler!r}: {e.strerror}") from None
     key = hashlib.sha256(
         b"\0".join(
             [source, jax.__version__.encode(), include.encode(), version.encode(), " ".join(_FLAGS).encode()]
