@@ -130,20 +130,17 @@ def apply_kernel(spec: str, x, w, *, matmul: str, compute_dtype, out_dtype=None)
     out_dtype = jnp.dtype(out_dtype or compute_dtype)
     x = x.astype(compute_dtype)
     quantized = isinstance(w, Int8Kernel)
-    if matmul == "auto" and uses_cpu_gemv(spec, x, w, compute_dtype):
-        return _cpu_gemv(spec, x, w, quantized).astype(out_dtype)
-    if not quantized and not uses_gemm(matmul, w.dtype, compute_dtype):
+    plan = _plan(spec)
+    gemv = matmul == "auto" and uses_cpu_gemv(plan, x, w, compute_dtype)
+    if not gemv and not quantized and not uses_gemm(matmul, w.dtype, compute_dtype):
         preferred = jnp.float32 if out_dtype == jnp.float32 else None
         return jnp.einsum(spec, x, w.astype(compute_dtype), preferred_element_type=preferred).astype(out_dtype)
-    plan = _plan(spec)
     values = w.values if quantized else w
     if plan is None:
         raise ValueError(f"einsum {spec!r} is not a product of leading activation dims with a kernel")
     n_free, k, in_first = plan
     lead_shape = x.shape[:n_free]
-    in_size = 1
-    for d in x.shape[n_free:]:
-        in_size *= d
+    in_size = math.prod(x.shape[n_free:])
     rows = x.reshape(-1, in_size)
     if in_first:
         w_shape_out = values.shape[k:]
@@ -151,24 +148,22 @@ def apply_kernel(spec: str, x, w, *, matmul: str, compute_dtype, out_dtype=None)
     else:
         w_shape_out = values.shape[: values.ndim - k]
         w2 = values.reshape(-1, in_size)
-    if quantized:
+    if gemv:
+        y = cpu_kernels.gemv(rows, w2, w.scale.reshape(-1) if quantized else None)
+    elif quantized:
         y = int8_dot(rows, w2, w.scale.reshape(-1), in_first)
     else:
         y = gemm_dot(rows, w2.astype(compute_dtype), in_first)
     return y.reshape(lead_shape + tuple(w_shape_out)).astype(out_dtype)
 
 
-def uses_cpu_gemv(spec: str, x, w, compute_dtype) -> bool:
-    """Whether "auto" multiplies by `qwen2_jax.cpu_gemv`'s kernel: on CPU, an [out, in] kernel, at most
-    `cpu_kernels.MAX_ROWS` activation rows (decode), and a product whose numbers it reproduces (int8,
-    or a float kernel in the compute dtype or computed in float32)."""
-    plan = _plan(spec)
+def uses_cpu_gemv(plan, x, w, compute_dtype) -> bool:
+    """Whether "auto" multiplies by `qwen2_jax.cpu_kernels.gemv`: on CPU, an [out, in] kernel (`plan`
+    from `_plan`), at most `cpu_kernels.MAX_ROWS` activation rows (decode), and a product whose
+    numbers it reproduces (int8, or a float kernel in the compute dtype or computed in float32)."""
     if backend() != "cpu" or plan is None or plan[2]:
         return False
-    rows = 1
-    for d in x.shape[: plan[0]]:
-        rows *= d
-    if rows > cpu_kernels.MAX_ROWS:
+    if math.prod(x.shape[: plan[0]]) > cpu_kernels.MAX_ROWS:
         return False
     if not isinstance(w, Int8Kernel):
         if jnp.dtype(compute_dtype) not in (jnp.dtype(w.dtype), jnp.dtype(jnp.float32)):
@@ -176,16 +171,6 @@ def uses_cpu_gemv(spec: str, x, w, compute_dtype) -> bool:
         if jnp.dtype(w.dtype) not in tuple(jnp.dtype(t) for t in (jnp.float32, jnp.bfloat16, jnp.float16)):
             return False
     return cpu_kernels.available()
-
-
-def _cpu_gemv(spec: str, x, w, quantized: bool):
-    n_free, k, _ = _plan(spec)
-    values = w.values if quantized else w
-    lead_shape = x.shape[:n_free]
-    w_shape_out = values.shape[: values.ndim - k]
-    rows = x.reshape(math.prod(lead_shape), -1)
-    y = cpu_kernels.gemv(rows, values.reshape(math.prod(w_shape_out), -1), w.scale.reshape(-1) if quantized else None)
-    return y.reshape(lead_shape + tuple(w_shape_out))
 
 
 def _dot(rows_mk, w, in_first: bool, preferred):

@@ -19,6 +19,7 @@
 #include <condition_variable>
 #include <mutex>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include <sched.h>
@@ -292,67 +293,49 @@ void int8_rows_block(const int16_t* xq, const float* x_scale, const int8_t* w, c
 
 constexpr int64_t kMaxRows = 8;
 
-// One call's output rows [n0, n1) for activation rows [m0, m0 + rows): a kernel instance chosen by
-// the weights' type and the row count.
+// One call's output rows [n0, n1) for activation rows [m0, m0 + rows): the kernel instance for
+// that row count. `make` takes std::integral_constant<int, M> and returns the range function of
+// the M-row kernel, so each kernel family needs no switch of its own.
 using RangeFn = std::function<void(int64_t, int64_t)>;
+
+template <typename Make>
+RangeFn by_rows(int64_t rows, Make make) {
+  switch (rows) {
+    case 1: return make(std::integral_constant<int, 1>{});
+    case 2: return make(std::integral_constant<int, 2>{});
+    case 3: return make(std::integral_constant<int, 3>{});
+    case 4: return make(std::integral_constant<int, 4>{});
+    case 5: return make(std::integral_constant<int, 5>{});
+    case 6: return make(std::integral_constant<int, 6>{});
+    case 7: return make(std::integral_constant<int, 7>{});
+    case 8: return make(std::integral_constant<int, 8>{});
+  }
+  return nullptr;
+}
 
 template <typename W>
 RangeFn float_rows(int64_t rows, const float* x, const W* w, const float* scale, float* y, int64_t k, int64_t n) {
-#define QWEN2_ROWS_CASE(M) \
-  case M:                  \
-    return [=](int64_t n0, int64_t n1) { rows_block<W, M>(x, w, scale, y, k, n, n0, n1); };
-  switch (rows) {
-    QWEN2_ROWS_CASE(1)
-    QWEN2_ROWS_CASE(2)
-    QWEN2_ROWS_CASE(3)
-    QWEN2_ROWS_CASE(4)
-    QWEN2_ROWS_CASE(5)
-    QWEN2_ROWS_CASE(6)
-    QWEN2_ROWS_CASE(7)
-    QWEN2_ROWS_CASE(8)
-  }
-#undef QWEN2_ROWS_CASE
-  return nullptr;
+  return by_rows(rows, [=](auto m) -> RangeFn {
+    return [=](int64_t n0, int64_t n1) { rows_block<W, decltype(m)::value>(x, w, scale, y, k, n, n0, n1); };
+  });
 }
 
 #if defined(__AVX512BF16__)
 RangeFn bf16_rows(int64_t rows, const uint16_t* x, const uint16_t* w, float* y, int64_t k, int64_t n) {
-#define QWEN2_ROWS_CASE(M) \
-  case M:                  \
-    return [=](int64_t n0, int64_t n1) { bf16_rows_block<M>(x, w, y, k, n, n0, n1); };
-  switch (rows) {
-    QWEN2_ROWS_CASE(1)
-    QWEN2_ROWS_CASE(2)
-    QWEN2_ROWS_CASE(3)
-    QWEN2_ROWS_CASE(4)
-    QWEN2_ROWS_CASE(5)
-    QWEN2_ROWS_CASE(6)
-    QWEN2_ROWS_CASE(7)
-    QWEN2_ROWS_CASE(8)
-  }
-#undef QWEN2_ROWS_CASE
-  return nullptr;
+  return by_rows(rows, [=](auto m) -> RangeFn {
+    return [=](int64_t n0, int64_t n1) { bf16_rows_block<decltype(m)::value>(x, w, y, k, n, n0, n1); };
+  });
 }
 #endif
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 RangeFn int8_rows(int64_t rows, const int16_t* xq, const float* x_scale, const int8_t* w, const float* scale, float* y,
                   int64_t k, int64_t n) {
-#define QWEN2_ROWS_CASE(M) \
-  case M:                  \
-    return [=](int64_t n0, int64_t n1) { int8_rows_block<M>(xq, x_scale, w, scale, y, k, n, n0, n1); };
-  switch (rows) {
-    QWEN2_ROWS_CASE(1)
-    QWEN2_ROWS_CASE(2)
-    QWEN2_ROWS_CASE(3)
-    QWEN2_ROWS_CASE(4)
-    QWEN2_ROWS_CASE(5)
-    QWEN2_ROWS_CASE(6)
-    QWEN2_ROWS_CASE(7)
-    QWEN2_ROWS_CASE(8)
-  }
-#undef QWEN2_ROWS_CASE
-  return nullptr;
+  return by_rows(rows, [=](auto m) -> RangeFn {
+    return [=](int64_t n0, int64_t n1) {
+      int8_rows_block<decltype(m)::value>(xq, x_scale, w, scale, y, k, n, n0, n1);
+    };
+  });
 }
 #endif
 
