@@ -24,14 +24,20 @@ $(BASE_STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
+# pytest-xdist: one worker per core (`make test PYTEST_WORKERS=0` runs in this process), work-stealing
+# so the long training subprocess tests do not leave a worker idle at the end. The persistent
+# compilation cache in .cache/ (tests/xla_env.py) makes a second run mostly cache hits.
+PYTEST_WORKERS ?= auto
+PYTEST := $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist worksteal
+
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow
+	$(PYTEST) -m slow
 
 test-all: $(STAMP)
-	$(PY) -m pytest -q -m ""
+	$(PYTEST) -m ""
 
 # The numerics-heavy tests again with XLA:CPU capped to SSE4.2 kernels (128-bit vectors: other accumulation
 # orders than the AVX2 / AVX-512 default), so a tolerance that holds only on the machine at hand fails in CI
@@ -40,7 +46,7 @@ NUMERICS_TESTS := tests/test_parity_dense.py tests/test_moe.py tests/test_moe_bl
                   tests/test_generate.py tests/test_train_loss.py
 ISA_CAP ?= SSE4_2
 test-numerics-isa: $(STAMP)
-	XLA_FLAGS="$$XLA_FLAGS --xla_cpu_max_isa=$(ISA_CAP)" $(PY) -m pytest -q $(NUMERICS_TESTS)
+	XLA_FLAGS="$$XLA_FLAGS --xla_cpu_max_isa=$(ISA_CAP)" $(PYTEST) $(NUMERICS_TESTS)
 
 # The ahead-of-time planner's tests with libtpu installed (the aot-tpu extra), slow ones included: a
 # v5e:2x2 slice, the compiler's refusal of a step too big for HBM, and the 72B and 57B-A14B recipes

@@ -1,13 +1,16 @@
-"""Fake CPU devices for sharding tests: set before jax is imported anywhere."""
+"""Fake CPU devices for sharding tests and the persistent compilation cache (tests/xla_env.py): set before
+jax is imported anywhere."""
 
 import os
 import sys
 
 import pytest
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from xla_env import set_session_environment  # noqa: E402  (before jax is imported anywhere)
+
+set_session_environment(devices=8)
 
 
 # The built Qwen2 tokenizer, shared by the tokenizer tests (built once per session).

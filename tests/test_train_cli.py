@@ -17,6 +17,8 @@ import jax
 import numpy as np
 import pytest
 
+from xla_env import xla_flags
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join("configs", "train", "tiny-cpu.yaml")
 DEVICES = 4
@@ -24,7 +26,7 @@ DEVICES = 4
 
 def _env():
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={DEVICES}"
+    env["XLA_FLAGS"] = xla_flags(DEVICES)
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     return env

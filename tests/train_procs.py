@@ -15,6 +15,8 @@ import subprocess
 import sys
 import time
 
+from xla_env import xla_flags
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join("configs", "train", "tiny-cpu.yaml")
 # a short run of configs/train/tiny-cpu.yaml: a checkpoint every 4 steps, held-out loss at 4 and 8
@@ -32,7 +34,7 @@ SHORT_RUN = (
 
 def env(devices: int) -> dict[str, str]:
     out = dict(os.environ)
-    out["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    out["XLA_FLAGS"] = xla_flags(devices)
     out["JAX_PLATFORMS"] = "cpu"
     out["PYTHONPATH"] = REPO + os.pathsep + out.get("PYTHONPATH", "")
     out.pop("QWEN2_JAX_DEBUG", None)

@@ -1,0 +1,41 @@
+"""The XLA_FLAGS and compilation cache of the test session, for this process and the CLIs and training
+processes the tests start (imported by conftest.py before jax).
+
+A persistent XLA compilation cache: most of the suite's time is the compilation of the same small
+programs, run after run. It is set through the environment (jax reads JAX_* at import), so
+subprocesses share it. Thresholds at 0: the small programs are the ones the tests compile most. A size
+limit turns on jax's file lock around reads and writes, which the parallel workers (pytest-xdist) and
+the subprocesses need: without it an entry is written in place and another process could read it
+half-written. The cache key holds XLA_FLAGS, so the SSE4.2-capped run (make test-numerics-isa) keeps
+entries of its own. QWEN2_JAX_TEST_COMPILATION_CACHE=0 turns it off; =DIR puts it elsewhere.
+
+With the cache on, XLA:CPU's concurrency-optimized scheduler is off. An executable loaded from the cache
+with that scheduler on can run the collectives of a sharded program in another order on different
+devices and hang: measured with jaxlib 0.10.2 on tests/test_train_chunked_loss.py's MoE case on 8
+fake devices (compiled fresh it passes; loaded from the cache 6 devices wait in an all-reduce while 2
+wait in an all-gather, until XLA aborts the process). The flag changes the order in which XLA runs
+independent operations, not what any operation computes."""
+
+from __future__ import annotations
+
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_CACHE = os.environ.get("QWEN2_JAX_TEST_COMPILATION_CACHE", os.path.join(ROOT, ".cache", "jax-compilation"))
+CACHE_ON = _CACHE != "0"
+CACHE_SAFE_FLAGS = "--xla_cpu_enable_concurrency_optimized_scheduler=false" if CACHE_ON else ""
+
+
+def xla_flags(devices: int, base: str = "") -> str:
+    """XLA_FLAGS with `devices` fake CPU devices, on top of `base` (for instance an ISA cap)."""
+    return " ".join(f for f in (base, f"--xla_force_host_platform_device_count={devices}", CACHE_SAFE_FLAGS) if f)
+
+
+def set_session_environment(devices: int = 8) -> None:
+    os.environ["XLA_FLAGS"] = xla_flags(devices, os.environ.get("XLA_FLAGS", ""))
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if CACHE_ON:
+        os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
+        os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+        os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+        os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
