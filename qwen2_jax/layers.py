@@ -177,16 +177,29 @@ def apply_rotary(x_btnh, cos_bth, sin_bth):
 
 
 # --------------------------------------------------------------------------------------- attention
-def attention_mask(q_slot_t, q_pos_bt, k_slot_s, k_pos_bs, window: int | None):
+def attention_mask(q_slot, q_pos_bt, k_slot_s, k_pos_bs, window: int | None):
     """Boolean [b, 1, t, s]: causal by cache slot, valid keys only (pos >= 0), optional sliding window.
 
-    The window is counted in positions, HF >= 4.56: a query sees W keys including itself.
+    q_slot: the queries' cache slots, [t] shared by the batch or [b, t] per row (rows written at
+    their own cache index). The window is counted in positions, HF >= 4.56: a query sees W keys
+    including itself.
     """
-    causal_ts = k_slot_s[None, :] <= q_slot_t[:, None]
-    allowed_bts = causal_ts[None] & (k_pos_bs >= 0)[:, None, :]
+    q_slot_bt = q_slot if q_slot.ndim == 2 else q_slot[None]
+    causal_bts = k_slot_s[None, None, :] <= q_slot_bt[:, :, None]
+    allowed_bts = causal_bts & (k_pos_bs >= 0)[:, None, :]
     if window is not None:
         allowed_bts &= k_pos_bs[:, None, :] > (q_pos_bt[:, :, None] - window)
     return allowed_bts[:, None]
+
+
+def write_at(buffer_bs, chunk_bt, write_index):
+    """buffer with chunk written along axis 1 at write_index: a scalar shared by every row, or a [b]
+    vector, one index per row (serving: each decode slot holds a sequence of its own length)."""
+    if jnp.ndim(write_index) == 1:
+        return jax.vmap(lambda buf, new, i: jax.lax.dynamic_update_slice_in_dim(buf, new, i, axis=0))(
+            buffer_bs, chunk_bt, write_index
+        )
+    return jax.lax.dynamic_update_slice_in_dim(buffer_bs, chunk_bt, write_index, axis=1)
 
 
 # XLA:CPU runs jax.nn.dot_product_attention as one [t, s] score block per head. Measured here
@@ -273,9 +286,8 @@ class Attention(nn.Module):
 
         if cache_k_bskh is not None:
             # Write this chunk into the cache at [write_index, write_index + t), then attend over it all.
-            start = (0, write_index, 0, 0)
-            cache_k_bskh = jax.lax.dynamic_update_slice(cache_k_bskh, k_btkh.astype(cache_k_bskh.dtype), start)
-            cache_v_bskh = jax.lax.dynamic_update_slice(cache_v_bskh, v_btkh.astype(cache_v_bskh.dtype), start)
+            cache_k_bskh = write_at(cache_k_bskh, k_btkh.astype(cache_k_bskh.dtype), write_index)
+            cache_v_bskh = write_at(cache_v_bskh, v_btkh.astype(cache_v_bskh.dtype), write_index)
             keys, values = cache_k_bskh.astype(opt.compute_dtype), cache_v_bskh.astype(opt.compute_dtype)
         else:
             keys, values = k_btkh, v_btkh

@@ -22,7 +22,7 @@ from qwen2_jax import cpu_kernels
 from qwen2_jax.backend import backend
 from qwen2_jax.config import Qwen2Config
 from qwen2_jax.kv_cache import KVCache
-from qwen2_jax.layers import MLP, Attention, RMSNorm, attention_mask, normal_init, param, rotary_tables
+from qwen2_jax.layers import MLP, Attention, RMSNorm, attention_mask, normal_init, param, rotary_tables, write_at
 from qwen2_jax.matmul import Int8Kernel, apply_kernel
 from qwen2_jax.moe import SparseMoeBlock
 from qwen2_jax.options import RunOptions
@@ -147,15 +147,16 @@ class Qwen2ForCausalLM(nn.Module):
 
         t = input_ids_bt.shape[1]
         new_pos_bt = jnp.where(attention_mask_bt.astype(bool), positions_bt, -1).astype(jnp.int32)
-        q_slot_t = write_index + jnp.arange(t)
+        # write_index: a scalar, or [b] with one cache index per row (serving's decode slots)
+        q_slot = (write_index[:, None] if jnp.ndim(write_index) == 1 else write_index) + jnp.arange(t)
         if cache is None:
             k_pos_bs, k_slot_s = new_pos_bt, jnp.arange(t)
         else:
-            k_pos_bs = jax.lax.dynamic_update_slice(cache.pos, new_pos_bt, (0, write_index))
+            k_pos_bs = write_at(cache.pos, new_pos_bt, write_index)
             k_slot_s = jnp.arange(cache.num_slots)
-        mask_full = attention_mask(q_slot_t, positions_bt, k_slot_s, k_pos_bs, None)
+        mask_full = attention_mask(q_slot, positions_bt, k_slot_s, k_pos_bs, None)
         mask_sliding = (
-            attention_mask(q_slot_t, positions_bt, k_slot_s, k_pos_bs, cfg.sliding_window)
+            attention_mask(q_slot, positions_bt, k_slot_s, k_pos_bs, cfg.sliding_window)
             if any(cfg.layer_is_sliding)
             else None
         )

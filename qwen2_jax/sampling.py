@@ -145,35 +145,51 @@ def _top_p_keep_from(sorted_desc_bk, top_p):
     return kept - 1
 
 
-def process_logits(logits_bv, mode: SamplingMode, values: SamplingValues, seen_bv=None):
-    """Processed logits over candidates: (candidate logits [b, c], candidate token ids [b, c] or
-    None when the candidates are the whole vocabulary). Filtered-out entries are -inf."""
+def _per_row(value):
+    """A sampling value as a column: a scalar stays a scalar, a per-row [b] vector becomes [b, 1]."""
+    return value[:, None] if jnp.ndim(value) == 1 else value
+
+
+def penalized_logits(logits_bv, mode: SamplingMode, values: SamplingValues, seen_bv=None):
+    """Float32 logits after the repetition penalty: what greedy takes the argmax of."""
     logits_bv = logits_bv.astype(jnp.float32)
     if mode.use_repetition_penalty:
-        logits_bv = apply_repetition_penalty(logits_bv, seen_bv, values.repetition_penalty)
+        logits_bv = apply_repetition_penalty(logits_bv, seen_bv, _per_row(values.repetition_penalty))
+    return logits_bv
+
+
+def process_logits(logits_bv, mode: SamplingMode, values: SamplingValues, seen_bv=None):
+    """Processed logits over candidates: (candidate logits [b, c], candidate token ids [b, c] or
+    None when the candidates are the whole vocabulary). Filtered-out entries are -inf.
+
+    `values` holds scalars (one setting for the batch) or [b] vectors (one per row: serving's
+    decode slots, where top_k 0, top_p 1 and min_p 0 leave a row unfiltered)."""
+    logits_bv = penalized_logits(logits_bv, mode, values, seen_bv)
     if mode.greedy:
         return logits_bv, None
-    logits_bv = _divide(logits_bv, values.temperature)
+    logits_bv = _divide(logits_bv, _per_row(values.temperature))
     neg_inf = jnp.float32(-jnp.inf)
     ids_bc = None
     if mode.top_k_cap:
         # HF TopKLogitsWarper: drop everything below the k-th largest value (ties with it stay).
+        # top_k 0 (off) keeps every candidate.
         cand_bc, ids_bc = jax.lax.top_k(logits_bv, mode.top_k_cap)
-        k = jnp.clip(values.top_k, 1, mode.top_k_cap)
+        top_k = _per_row(values.top_k)
+        k = jnp.where(top_k > 0, jnp.minimum(top_k, mode.top_k_cap), mode.top_k_cap)
         kth_b = jnp.take_along_axis(cand_bc, jnp.broadcast_to(k - 1, (cand_bc.shape[0], 1)), axis=1)
         cand_bc = jnp.where(cand_bc < kth_b, neg_inf, cand_bc)
     else:
         cand_bc = logits_bv
     if mode.use_top_p:
         sorted_desc = cand_bc if mode.top_k_cap else -jnp.sort(-cand_bc, axis=-1)
-        last_b = _top_p_keep_from(sorted_desc, values.top_p)
+        last_b = _top_p_keep_from(sorted_desc, _per_row(values.top_p))
         threshold_b = jnp.take_along_axis(sorted_desc, last_b[:, None], axis=1)
         cand_bc = jnp.where(cand_bc < threshold_b, neg_inf, cand_bc)
     if mode.use_min_p:
         # HF MinPLogitsWarper: drop tokens whose probability is below min_p * the top probability.
         probs = jax.nn.softmax(cand_bc, axis=-1)
         top = jnp.max(probs, axis=-1, keepdims=True)
-        cand_bc = jnp.where(probs < values.min_p * top, neg_inf, cand_bc)
+        cand_bc = jnp.where(probs < _per_row(values.min_p) * top, neg_inf, cand_bc)
     return cand_bc, ids_bc
 
 
@@ -188,8 +204,12 @@ def first_argmax(x_bv):
     return jnp.min(jnp.where(hits_bv, iota_bv, x_bv.shape[-1]), axis=-1)
 
 
-def select_tokens(logits_bv, mode: SamplingMode, values: SamplingValues, keys_b=None, seen_bv=None):
-    """Next token per row: argmax (greedy) or a draw from softmax(processed logits)."""
+def select_tokens(logits_bv, mode: SamplingMode, values: SamplingValues, keys_b=None, seen_bv=None, greedy_b=None):
+    """Next token per row: argmax (greedy) or a draw from softmax(processed logits).
+
+    greedy_b: with a sampling mode, [b] bool rows that take the argmax of the penalized logits
+    instead (a batch that mixes greedy and sampled requests; a greedy row gets exactly the token
+    a greedy mode would give it)."""
     cand_bc, ids_bc = process_logits(logits_bv, mode, values, seen_bv)
     if mode.greedy:
         choice_b = first_argmax(cand_bc)
@@ -197,6 +217,8 @@ def select_tokens(logits_bv, mode: SamplingMode, values: SamplingValues, keys_b=
         choice_b = jax.vmap(jax.random.categorical)(keys_b, cand_bc)
     if ids_bc is not None:
         choice_b = jnp.take_along_axis(ids_bc, choice_b[:, None], axis=1)[:, 0]
+    if greedy_b is not None and not mode.greedy:
+        choice_b = jnp.where(greedy_b, first_argmax(penalized_logits(logits_bv, mode, values, seen_bv)), choice_b)
     return choice_b.astype(jnp.int32)
 
 

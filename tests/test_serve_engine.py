@@ -1,0 +1,236 @@
+"""The serving engine and its loop (serve/engine.py, serve/scheduler.py), without HTTP: continuous
+batching gives every request the tokens it gets alone, a fixed set of compiled programs, chunked
+prefill, log-probabilities, stop / length / cancel, and the same tokens on a mesh."""
+
+from __future__ import annotations
+
+import asyncio
+
+import jax
+import numpy as np
+import pytest
+
+import qwen2_jax
+from hf_utils import hf_dense_config, make_hf_model
+from qwen2_jax.forward import forward
+from qwen2_jax.generate import GenerateOptions, Generator
+from qwen2_jax.sharding import make_mesh
+from serve.engine import Engine, key_data
+from serve.requests import GenerationRequest, PromptLogprobs, SamplingSettings, ServeError
+from serve.scheduler import Scheduler
+
+GREEDY = SamplingSettings(temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    # sliding window narrower than the longer requests on one layer: windows slide per row
+    hf = make_hf_model(hf_dense_config(use_sliding_window=True, sliding_window=24, max_window_layers=2), seed=11)
+    path = tmp_path_factory.mktemp("serve_model")
+    hf.save_pretrained(path)
+    config, params = qwen2_jax.load_checkpoint(path)
+    return str(path), config, params
+
+
+@pytest.fixture(scope="module")
+def scheduler(model):
+    _, config, params = model
+    # 4 slots, chunks of at most 32 tokens: the longer prompts below are prefilled in several chunks
+    sched = Scheduler(Engine(config, params, max_batch_size=4, max_model_len=160, max_prefill_chunk=32), max_queue=64)
+    sched.start()
+    yield sched
+    sched.shutdown()
+
+
+@pytest.fixture(scope="module")
+def generator(model):
+    _, config, params = model
+    return Generator(config, params)
+
+
+async def _collect(handle):
+    events = [ev async for ev in handle]
+    tokens = [ev.token_id for ev in events if not isinstance(ev, PromptLogprobs) and ev.token_id is not None]
+    return tokens, events
+
+
+async def _run_staggered(sched, requests, gap_s=0.003):
+    """Submit the requests a few ms apart (each arrives while the earlier ones decode); their tokens."""
+    tasks = []
+    for request in requests:
+        tasks.append(asyncio.ensure_future(_collect(sched.submit(request))))
+        await asyncio.sleep(gap_s)
+    return [t[0] for t in await asyncio.gather(*tasks)]
+
+
+def _prompts(rng, n, vocab, low=1, high=90):
+    return [[int(x) for x in rng.integers(0, vocab, rng.integers(low, high))] for _ in range(n)]
+
+
+def test_greedy_in_a_crowd_equals_generate_alone(scheduler, generator, model):
+    """16 staggered greedy requests of different lengths (1 to 89 tokens: chunked prefill over
+    several decode steps), mixed with 4 sampled ones, on 4 slots: each gets exactly the tokens of
+    `generate` of its prompt alone (float32)."""
+    _, config, _ = model
+    rng = np.random.default_rng(0)
+    prompts = _prompts(rng, 16, config.vocab_size)
+    max_tokens = [int(x) for x in rng.integers(1, 40, 16)]
+    requests = [GenerationRequest(tuple(p), m, GREEDY) for p, m in zip(prompts, max_tokens)]
+    sampled = [GenerationRequest((5, 6, 7), 20, SamplingSettings(temperature=1.0, top_p=0.9, seed=i)) for i in range(4)]
+    mixed = requests[:8] + sampled + requests[8:]
+    served = asyncio.run(_run_staggered(scheduler, mixed))
+    served = served[:8] + served[12:]
+    for p, m, got in zip(prompts, max_tokens, served):
+        alone = generator.generate([p], GenerateOptions(m, eos_token_ids=[]))[0]
+        assert got == alone
+
+
+def test_seeded_sampling_alone_equals_in_a_crowd(scheduler, model):
+    """A sampled request with a seed gets the same tokens alone and among 15 others (greedy and
+    sampled, other seeds and settings); without a seed two runs differ."""
+    _, config, _ = model
+    target = GenerationRequest(
+        (9, 8, 7, 6, 5, 4, 3), 30, SamplingSettings(temperature=0.8, top_k=40, top_p=0.95, min_p=0.01, seed=1234)
+    )
+    alone = asyncio.run(_run_staggered(scheduler, [target]))[0]
+    rng = np.random.default_rng(1)
+    others = []
+    for i, p in enumerate(_prompts(rng, 15, config.vocab_size)):
+        s = GREEDY if i % 3 == 0 else SamplingSettings(temperature=1.2, top_k=int(rng.integers(0, 50)), seed=i)
+        others.append(GenerationRequest(tuple(p), int(rng.integers(5, 40)), s))
+    crowd = asyncio.run(_run_staggered(scheduler, others[:7] + [target] + others[7:], gap_s=0.001))
+    assert crowd[7] == alone
+    assert len(alone) == 30
+    unseeded = GenerationRequest(target.prompt_ids, 30, SamplingSettings(temperature=1.0))
+    a, b = asyncio.run(_run_staggered(scheduler, [unseeded, unseeded]))
+    assert a != b
+
+
+def test_no_compilation_after_warmup(scheduler, model):
+    """50 requests of random lengths and settings (greedy, sampled, penalties, logprobs, prompt
+    logprobs, max_tokens 0) compile nothing: the programs are the warm-up's."""
+    _, config, _ = model
+    before = dict(scheduler.engine.trace_counts)
+    assert before == {"prefill": 4, "decode": 4}  # chunks 16 and 32, with and without prompt logprobs
+    rng = np.random.default_rng(2)
+    requests = []
+    for p in _prompts(rng, 50, config.vocab_size, high=120):
+        kind = int(rng.integers(0, 4))
+        sampling = (
+            GREEDY
+            if kind == 0
+            else SamplingSettings(
+                temperature=float(rng.uniform(0.1, 2.0)),
+                top_k=int(rng.integers(0, 300)),
+                top_p=float(rng.uniform(0.5, 1.0)),
+                min_p=float(rng.uniform(0, 0.2)),
+                repetition_penalty=float(rng.uniform(0.8, 1.5)),
+                seed=int(rng.integers(0, 2**40)),
+            )
+        )
+        max_tokens = int(rng.integers(0, 160 - len(p)))
+        requests.append(
+            GenerationRequest(
+                tuple(p),
+                max_tokens,
+                sampling,
+                logprobs=int(rng.integers(0, 21)) if kind == 2 else None,
+                prompt_logprobs=int(rng.integers(0, 5)) if kind == 3 else None,
+            )
+        )
+    served = asyncio.run(_run_staggered(scheduler, requests, gap_s=0.0005))
+    assert [len(t) for t in served] == [r.max_tokens for r in requests]
+    assert dict(scheduler.engine.trace_counts) == before
+
+
+def test_logprobs_equal_the_forward_pass(scheduler, model):
+    """Generated tokens' log-probabilities (and their top 5) and the prompt's, against log_softmax of
+    the uncached forward pass over prompt + generated tokens."""
+    _, config, params = model
+    prompt = tuple(range(3, 3 + 40))
+    request = GenerationRequest(prompt, 12, GREEDY, logprobs=5, prompt_logprobs=3)
+
+    async def run():
+        return await _collect(scheduler.submit(request))
+
+    tokens, events = asyncio.run(run())
+    assert isinstance(events[0], PromptLogprobs)
+    full = list(prompt) + tokens
+    logits = np.asarray(forward(config, params, np.array([full])))[0]
+    ref = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+    prompt_entries = events[0].entries
+    assert prompt_entries[0] is None and len(prompt_entries) == len(prompt)
+    for i in range(1, len(prompt)):
+        e = prompt_entries[i]
+        assert e.token_id == prompt[i]
+        np.testing.assert_allclose(e.logprob, ref[i - 1, prompt[i]], atol=2e-5)
+        assert [t for t, _ in e.top] == list(np.argsort(-ref[i - 1])[:3])
+    for j, ev in enumerate(events[1:]):
+        pos = len(prompt) - 1 + j
+        assert ev.logprobs.token_id == tokens[j]
+        np.testing.assert_allclose(ev.logprobs.logprob, ref[pos, tokens[j]], atol=2e-5)
+        np.testing.assert_allclose([v for _, v in ev.logprobs.top], np.sort(ref[pos])[::-1][:5], atol=2e-5)
+
+
+def test_stop_tokens_length_and_cancel(scheduler, generator, model):
+    """A stop token ends a request with "stop" (the token is delivered), max_tokens with "length";
+    cancel ends a request with "abort" and frees its slot within one decode step."""
+    _, config, _ = model
+    prompt = [4, 5, 6, 7]
+    alone = generator.generate([prompt], GenerateOptions(20, eos_token_ids=[]))[0]
+    stop = alone[5]
+    first = alone.index(stop)
+
+    async def run():
+        tokens, events = await _collect(scheduler.submit(GenerationRequest(tuple(prompt), 20, GREEDY, (stop,))))
+        assert tokens == alone[: first + 1] and events[-1].finish_reason == "stop"
+        tokens, events = await _collect(scheduler.submit(GenerationRequest(tuple(prompt), 3, GREEDY)))
+        assert tokens == alone[:3] and events[-1].finish_reason == "length"
+        handle = scheduler.submit(GenerationRequest(tuple(prompt), 150, GREEDY))
+        seen = 0
+        async for ev in handle:
+            seen += 1
+            if seen == 3:
+                handle.cancel()
+                steps = scheduler.steps
+            if ev.finish_reason is not None:
+                assert ev.finish_reason == "abort"
+        assert scheduler.steps - steps <= 1
+        await asyncio.sleep(0.05)
+        assert scheduler.stats().slots_used == 0
+
+    asyncio.run(run())
+
+
+def test_requests_the_engine_cannot_run_are_refused(scheduler, model):
+    _, config, _ = model
+
+    async def run():
+        with pytest.raises(ServeError, match="maximum context length is 160 tokens.*100 prompt tokens \\+ 61"):
+            scheduler.submit(GenerationRequest(tuple([1] * 100), 61, GREEDY))
+        with pytest.raises(ServeError, match="outside the vocabulary"):
+            scheduler.submit(GenerationRequest((1, config.vocab_size), 5, GREEDY))
+        with pytest.raises(ServeError, match="empty"):
+            scheduler.submit(GenerationRequest((), 5, GREEDY))
+
+    asyncio.run(run())
+
+
+def test_greedy_on_a_mesh_equals_one_device(model, generator):
+    """Served on a tensor x data mesh of the 8 fake CPU devices: the tokens of one device."""
+    path, config, _ = model
+    _, params = qwen2_jax.load_checkpoint(path, mesh=make_mesh(data=2, tensor=4))
+    sched = Scheduler(Engine(config, params, max_batch_size=2, max_model_len=64, max_prefill_chunk=16))
+    sched.start()
+    try:
+        prompts = [[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2, 3], [2, 7], [1, 8, 2, 8]]
+        served = asyncio.run(_run_staggered(sched, [GenerationRequest(tuple(p), 10, GREEDY) for p in prompts]))
+    finally:
+        sched.shutdown()
+    for p, got in zip(prompts, served):
+        assert got == generator.generate([p], GenerateOptions(10, eos_token_ids=[]))[0]
+
+
+def test_key_data_is_jax_random_key():
+    for seed in (0, 1, 2**31 - 1, 2**32 - 1):
+        np.testing.assert_array_equal(key_data(seed), jax.random.key_data(jax.random.key(seed)))
