@@ -194,12 +194,21 @@ def attention_mask(q_slot, q_pos_bt, k_slot_s, k_pos_bs, window: int | None):
 
 def write_at(buffer_bs, chunk_bt, write_index):
     """buffer with chunk written along axis 1 at write_index: a scalar shared by every row, or a [b]
-    vector, one index per row (serving: each decode slot holds a sequence of its own length)."""
-    if jnp.ndim(write_index) == 1:
-        return jax.vmap(lambda buf, new, i: jax.lax.dynamic_update_slice_in_dim(buf, new, i, axis=0))(
-            buffer_bs, chunk_bt, write_index
-        )
-    return jax.lax.dynamic_update_slice_in_dim(buffer_bs, chunk_bt, write_index, axis=1)
+    vector, one index per row (serving: each decode slot holds a sequence of its own length).
+
+    Per-row single-token writes are a select over the buffer: XLA:CPU runs a per-row scatter into a
+    bfloat16 buffer through a float32 copy of the whole buffer (a decode step of Qwen2-0.5B at batch 8
+    took 166 ms against 50 ms with one shared index), and the select measured as fast as the shared
+    index's dynamic_update_slice."""
+    if jnp.ndim(write_index) == 0:
+        return jax.lax.dynamic_update_slice_in_dim(buffer_bs, chunk_bt, write_index, axis=1)
+    if chunk_bt.shape[1] == 1:
+        trailing = (1,) * (buffer_bs.ndim - 2)
+        slot_1s = jnp.arange(buffer_bs.shape[1]).reshape((1, -1) + trailing)
+        return jnp.where(slot_1s == write_index.reshape((-1, 1) + trailing), chunk_bt, buffer_bs)
+    return jax.vmap(lambda buf, new, i: jax.lax.dynamic_update_slice_in_dim(buf, new, i, axis=0))(
+        buffer_bs, chunk_bt, write_index
+    )
 
 
 # XLA:CPU runs jax.nn.dot_product_attention as one [t, s] score block per head. Measured here
