@@ -322,3 +322,17 @@ def test_sigterm_drains_then_exits_0(checkpoint):
         assert ends == ["length", "abort"]
         assert server.wait() == 0, server.stderr()
         assert any("drain timeout: aborting 1" in line for line in server.lines), server.stderr()
+
+
+@pytest.mark.slow
+def test_greedy_on_a_mesh_equals_one_device(checkpoint):
+    """`--mesh tensor=2` on 2 CPU devices: the served greedy tokens are `generate`'s on one device.
+    The fast test of the same engine path: tests/test_serve_engine.py::test_greedy_on_a_mesh_equals_one_device."""
+    ids = _random_ids(np.random.default_rng(0), 40)
+    with Server(checkpoint[0], "--mesh", "tensor=2", "--max-model-len", str(CONTEXT), devices=2) as server:
+        client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0)
+        r = client.completions.create(
+            model="tiny-qwen2", prompt=ids, max_tokens=12, temperature=0, extra_body={"return_token_ids": True}
+        )
+        assert r.model_dump()["choices"][0]["token_ids"] == _alone(checkpoint, ids, 12)
+        assert server.stop() == 0
