@@ -15,9 +15,10 @@ pass (`Qwen2ForCausalLM`) and one sampler (`qwen2_jax.sampling`):
   never on its neighbours). Free rows run too (fixed shapes) with their writes marked invalid.
 
 Every program is a fixed shape: prefill per chunk bucket (powers of two from 16 to
-`max_prefill_chunk`; with prompt log-probabilities up to 64), decode in four variants (greedy-only
-or sampling, with or without log-probabilities). `warmup()` compiles them all; `trace_counts`
-counts compilations, so a server can prove that no request compiles anything.
+`max_prefill_chunk`; with prompt log-probabilities up to 64), decode per cache prefix (powers of two
+from 256 slots to the whole cache: a step attends to the prefix that holds its longest row) in two
+variants (greedy-only, or sampling). `warmup()` compiles them all; `trace_counts` counts
+compilations, so a server can prove that no request compiles anything.
 
 Sampling draws from the `sampling_candidates` (default 256) most likely tokens of each row: a draw
 over the whole 151,936-token vocabulary costs 20 ms per step at batch 8 on a 2-core CPU (random bits
@@ -57,6 +58,18 @@ def chunk_buckets(max_chunk: int) -> tuple[int, ...]:
         sizes.append(c)
         c *= 2
     sizes.append(max_chunk)
+    return tuple(sizes)
+
+
+def kv_buckets(num_slots: int, minimum: int = 256) -> tuple[int, ...]:
+    """Cache prefixes a decode step attends to: powers of two from `minimum`, then the whole cache
+    (one compiled decode step each). Reading the whole cache every step would cost a step of a
+    short request as much as one of the longest the cache allows."""
+    sizes, n = [], minimum
+    while n < num_slots:
+        sizes.append(n)
+        n *= 2
+    sizes.append(num_slots)
     return tuple(sizes)
 
 
@@ -102,14 +115,54 @@ def _top_logprobs(logprobs_tv, chosen_t):
     return chosen_lp, top_ids.astype(jnp.int32), top_lp
 
 
-def decode_step(spec: EngineSpec, greedy_only: bool, logprobs: bool, params, cache: KVCache, seen_bv, rows: DecodeRows):
-    """One token for every slot: (cache, seen, {"tokens" [b], and with logprobs "logprob" [b],
-    "top_ids" [b, K], "top_logprobs" [b, K]})."""
+def _slot_axis(a) -> int:
+    return a.ndim - 3  # [..., slots, kv_heads, head_dim] (and pos: [b, slots])
+
+
+def cache_prefix(cache: KVCache, n: int) -> KVCache:
+    """The first n slots of every row (a static slice)."""
+    return KVCache(
+        k=tuple(jax.lax.slice_in_dim(a, 0, n, axis=_slot_axis(a)) for a in cache.k),
+        v=tuple(jax.lax.slice_in_dim(a, 0, n, axis=_slot_axis(a)) for a in cache.v),
+        pos=cache.pos[:, :n],
+    )
+
+
+def _put_front(full, front, axis: int):
+    """full with front written over its first slots. XLA:CPU converts a 16-bit float buffer to
+    float32 and back around a dynamic_update_slice (a pass over the whole cache per layer and step);
+    as uint16 the update is in place and costs what `front` does."""
+    if front.shape == full.shape:
+        return front
+    bits = jnp.issubdtype(full.dtype, jnp.floating) and full.dtype.itemsize == 2
+    as_u16 = (lambda x: jax.lax.bitcast_convert_type(x, jnp.uint16)) if bits else (lambda x: x)
+    out = jax.lax.dynamic_update_slice_in_dim(as_u16(full), as_u16(front), 0, axis=axis)
+    return jax.lax.bitcast_convert_type(out, full.dtype) if bits else out
+
+
+def put_cache_prefix(cache: KVCache, prefix: KVCache) -> KVCache:
+    return KVCache(
+        k=tuple(_put_front(a, p, _slot_axis(a)) for a, p in zip(cache.k, prefix.k)),
+        v=tuple(_put_front(a, p, _slot_axis(a)) for a, p in zip(cache.v, prefix.v)),
+        pos=_put_front(cache.pos, prefix.pos, 1),
+    )
+
+
+def decode_step(spec: EngineSpec, greedy_only: bool, kv_len: int, params, cache: KVCache, seen_bv, rows: DecodeRows):
+    """One token for every slot, attending to (and writing in) the first kv_len cache slots only:
+    (cache, seen, {"tokens" [b], "logprob" [b], "top_ids" [b, K], "top_logprobs" [b, K]}). Every
+    active row's write index is below kv_len; a free row's write past it is dropped."""
     b, vocab = spec.batch, spec.config.vocab_size
     mask_b1 = rows.active.astype(jnp.int32)[:, None]  # inactive rows write keys marked invalid (pos -1)
     out = _model(spec).apply(
-        {"params": params}, rows.feed[:, None], rows.length[:, None], mask_b1, cache=cache, write_index=rows.length
+        {"params": params},
+        rows.feed[:, None],
+        rows.length[:, None],
+        mask_b1,
+        cache=cache_prefix(cache, kv_len),
+        write_index=rows.length,
     )
+    cache = put_cache_prefix(cache, out["cache"])
     logits_bv = out["logits"][:, 0]
     # the fed token joins the tokens the repetition penalty sees (the prompt's were set by prefill)
     seen_bv = seen_bv.at[jnp.arange(b), jnp.where(rows.active, rows.feed, vocab)].set(True, mode="drop")
@@ -126,11 +179,9 @@ def decode_step(spec: EngineSpec, greedy_only: bool, logprobs: bool, params, cac
         )
         keys = jax.vmap(lambda kd, t: jax.random.fold_in(jax.random.wrap_key_data(kd), t))(rows.key_data, rows.step)
     tokens_b = select_tokens(logits_bv, mode, rows.values, keys, seen_bv, greedy_b=None if greedy_only else rows.greedy)
-    result = {"tokens": tokens_b}
-    if logprobs:
-        lp, ids, top = _top_logprobs(jax.nn.log_softmax(logits_bv, axis=-1), tokens_b)
-        result.update(logprob=lp, top_ids=ids, top_logprobs=top)
-    return out["cache"], seen_bv, result
+    # log-probabilities always: 1.5 ms of a ~50 ms step at batch 8, against twice the programs
+    lp, ids, top = _top_logprobs(jax.nn.log_softmax(logits_bv, axis=-1), tokens_b)
+    return cache, seen_bv, {"tokens": tokens_b, "logprob": lp, "top_ids": ids, "top_logprobs": top}
 
 
 def prefill_chunk(
@@ -182,7 +233,8 @@ class Engine:
 
     max_model_len: the longest prompt + output of one request (default: the model's context,
     max_position_embeddings). max_prefill_chunk: the longest prompt piece prefilled between two
-    decode steps. Not thread-safe: one thread (the scheduler's loop) drives it."""
+    decode steps. kv_bucket_min: the smallest cache prefix a decode step attends to. Not
+    thread-safe: one thread (the scheduler's loop) drives it."""
 
     def __init__(
         self,
@@ -193,6 +245,7 @@ class Engine:
         max_model_len: int | None = None,
         max_prefill_chunk: int = 512,
         sampling_candidates: int = SAMPLING_CANDIDATES,
+        kv_bucket_min: int = 256,
         quantize: str | None = None,
         consume: bool = False,
     ):
@@ -233,12 +286,13 @@ class Engine:
         seen_sharding = sharding.sharding(("batch", None), (max_batch_size, config.vocab_size)) if sharding else None
         self.seen = jnp.zeros((max_batch_size, config.vocab_size), bool, device=seen_sharding)
         self.trace_counts: collections.Counter = collections.Counter()
+        self.kv_lengths = kv_buckets(num_slots, kv_bucket_min)
         self._decode = {}
         self._prefill = {}
         for greedy_only in (True, False):
-            for logprobs in (False, True):
-                self._decode[greedy_only, logprobs] = jax.jit(
-                    functools.partial(self._traced, "decode", decode_step, self.spec, greedy_only, logprobs),
+            for kv_len in self.kv_lengths:
+                self._decode[greedy_only, kv_len] = jax.jit(
+                    functools.partial(self._traced, "decode", decode_step, self.spec, greedy_only, kv_len),
                     donate_argnums=(1, 2),
                 )
         for logprobs in (False, True):
@@ -281,9 +335,17 @@ class Engine:
             return None
         return tuple(np.asarray(x)[:n] for x in jax.device_get(result))
 
-    def decode(self, rows: DecodeRows, greedy_only: bool, logprobs: bool) -> dict[str, np.ndarray]:
-        """One decode step over every slot; numpy results ("tokens" [b], and the log-probabilities)."""
-        self.cache, self.seen, result = self._decode[greedy_only, logprobs](self.params, self.cache, self.seen, rows)
+    def kv_length_for(self, rows: DecodeRows) -> int:
+        """The cache prefix a decode step of these rows attends to: it holds every active row's
+        tokens and the one fed now."""
+        longest = int(np.max(rows.length, where=rows.active, initial=0)) + 1
+        return next(n for n in self.kv_lengths if n >= longest)
+
+    def decode(self, rows: DecodeRows, greedy_only: bool) -> dict[str, np.ndarray]:
+        """One decode step over every slot; numpy results ("tokens" [b], "logprob" [b], "top_ids"
+        and "top_logprobs" [b, 20])."""
+        program = self._decode[greedy_only, self.kv_length_for(rows)]
+        self.cache, self.seen, result = program(self.params, self.cache, self.seen, rows)
         return {k: np.asarray(v) for k, v in jax.device_get(result).items()}
 
     def empty_rows(self) -> DecodeRows:
@@ -316,9 +378,9 @@ class Engine:
             self.prefill(0, ids, 0, targets=ids if logprobs else None)
         rows = self.empty_rows()
         for greedy_only in (True, False):
-            for logprobs in (False, True):
+            for kv_len in self.kv_lengths:
                 if progress:
-                    progress(
-                        f"decode step ({'greedy' if greedy_only else 'sampling'}{', logprobs' if logprobs else ''})"
-                    )
-                self.decode(rows, greedy_only, logprobs)
+                    progress(f"decode step ({'greedy' if greedy_only else 'sampling'}, {kv_len} cache slots)")
+                rows.length[0] = kv_len - 1  # picks this program; the row is reset when a request takes it
+                rows.active[0] = True
+                self.decode(rows, greedy_only)

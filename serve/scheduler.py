@@ -304,8 +304,7 @@ class Scheduler:
         rows = self._rows
         live = [(row, s) for row, s in enumerate(self._slots) if s is not None and not s.prefilling]
         greedy_only = all(rows.greedy[row] for row, _ in live)
-        logprobs = any(s.handle.request.logprobs is not None for _, s in live)
-        out = self.engine.decode(rows, greedy_only, logprobs)
+        out = self.engine.decode(rows, greedy_only)
         self.steps += 1
         for row, slot in live:
             request = slot.handle.request

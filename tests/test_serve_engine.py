@@ -35,8 +35,10 @@ def model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def scheduler(model):
     _, config, params = model
-    # 4 slots, chunks of at most 32 tokens: the longer prompts below are prefilled in several chunks
-    sched = Scheduler(Engine(config, params, max_batch_size=4, max_model_len=160, max_prefill_chunk=32), max_queue=64)
+    # 4 slots, chunks of at most 32 tokens: the longer prompts below are prefilled in several chunks;
+    # decode steps attend to 64, 128 or all 192 cache slots, as the longest row needs
+    engine = Engine(config, params, max_batch_size=4, max_model_len=160, max_prefill_chunk=32, kv_bucket_min=64)
+    sched = Scheduler(engine, max_queue=64)
     sched.start()
     yield sched
     sched.shutdown()
@@ -111,7 +113,8 @@ def test_no_compilation_after_warmup(scheduler, model):
     logprobs, max_tokens 0) compile nothing: the programs are the warm-up's."""
     _, config, _ = model
     before = dict(scheduler.engine.trace_counts)
-    assert before == {"prefill": 4, "decode": 4}  # chunks 16 and 32, with and without prompt logprobs
+    # chunks 16 and 32, with and without prompt logprobs; greedy / sampling steps over 64, 128, 192 slots
+    assert before == {"prefill": 4, "decode": 6}
     rng = np.random.default_rng(2)
     requests = []
     for p in _prompts(rng, 50, config.vocab_size, high=120):
