@@ -41,6 +41,7 @@ import numpy as np
 from qwen2_jax.config import Qwen2Config
 from qwen2_jax.generate import Generator
 from qwen2_jax.kv_cache import KVCache, init_cache
+from qwen2_jax.layers import update_slice
 from qwen2_jax.model import Qwen2ForCausalLM
 from qwen2_jax.options import RunOptions
 from qwen2_jax.sampling import SamplingMode, SamplingValues, select_tokens
@@ -129,15 +130,7 @@ def cache_prefix(cache: KVCache, n: int) -> KVCache:
 
 
 def _put_front(full, front, axis: int):
-    """full with front written over its first slots. XLA:CPU converts a 16-bit float buffer to
-    float32 and back around a dynamic_update_slice (a pass over the whole cache per layer and step);
-    as uint16 the update is in place and costs what `front` does."""
-    if front.shape == full.shape:
-        return front
-    bits = jnp.issubdtype(full.dtype, jnp.floating) and full.dtype.itemsize == 2
-    as_u16 = (lambda x: jax.lax.bitcast_convert_type(x, jnp.uint16)) if bits else (lambda x: x)
-    out = jax.lax.dynamic_update_slice_in_dim(as_u16(full), as_u16(front), 0, axis=axis)
-    return jax.lax.bitcast_convert_type(out, full.dtype) if bits else out
+    return front if front.shape == full.shape else update_slice(full, front, 0, axis)
 
 
 def put_cache_prefix(cache: KVCache, prefix: KVCache) -> KVCache:
@@ -196,7 +189,7 @@ def prefill_chunk(
         return jax.lax.dynamic_slice_in_dim(a, row, 1, axis=0)
 
     def put_row(a, new):
-        return jax.lax.dynamic_update_slice_in_dim(a, new, row, axis=0)
+        return update_slice(a, new, row, axis=0)
 
     fresh = start == 0
     row_cache = KVCache(
