@@ -62,6 +62,27 @@ def chunk_buckets(max_chunk: int) -> tuple[int, ...]:
     return tuple(sizes)
 
 
+KV_MEMORY_SHARE = 0.3  # of the device memory the params leave free, for the KV cache by default
+
+
+def kv_bytes_per_token(config: Qwen2Config, batch: int, dtype) -> int:
+    """Bytes of keys and values one position takes over every layer and slot."""
+    per_layer = 2 * config.num_key_value_heads * config.head_size * jnp.dtype(dtype).itemsize
+    return config.num_hidden_layers * per_layer * batch
+
+
+def free_device_memory() -> int:
+    """Free memory of the first device: its allocator's limit minus use on a GPU/TPU, the host's
+    available memory on CPU (fake CPU devices share it)."""
+    device = jax.devices()[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
 def kv_buckets(num_slots: int, minimum: int = 256) -> tuple[int, ...]:
     """Cache prefixes a decode step attends to: powers of two from `minimum`, then the whole cache
     (one compiled decode step each). Reading the whole cache every step would cost a step of a
@@ -225,8 +246,9 @@ class Engine:
     state (KV cache, the repetition penalty's seen-token table) and the compiled programs.
 
     max_model_len: the longest prompt + output of one request (default: the model's context,
-    max_position_embeddings). max_prefill_chunk: the longest prompt piece prefilled between two
-    decode steps. kv_bucket_min: the smallest cache prefix a decode step attends to. Not
+    max_position_embeddings, capped so that the KV cache takes at most 30% of the memory the params
+    leave free; `max_model_len_capped` says whether it was). max_prefill_chunk: the longest prompt
+    piece prefilled between two decode steps. kv_bucket_min: the smallest cache prefix a decode step attends to. Not
     thread-safe: one thread (the scheduler's loop) drives it."""
 
     def __init__(
@@ -250,8 +272,9 @@ class Engine:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         context = config.max_position_embeddings
-        max_model_len = context if max_model_len is None else max_model_len
-        if isinstance(max_model_len, bool) or not isinstance(max_model_len, int) or not 2 <= max_model_len <= context:
+        if max_model_len is not None and (
+            isinstance(max_model_len, bool) or not isinstance(max_model_len, int) or not 2 <= max_model_len <= context
+        ):
             raise ValueError(
                 f"max_model_len must be an integer in [2, {context}] (the model's context), got {max_model_len!r}"
             )
@@ -259,6 +282,18 @@ class Engine:
         self.config = config
         self.params = generator.params
         self.options = generator.options
+        self.max_model_len_capped = False
+        if max_model_len is None:
+            # after the params are placed: the cache gets a share of what they left free
+            per_token = kv_bytes_per_token(config, max_batch_size, self.options.compute_dtype)
+            fits = int(KV_MEMORY_SHARE * free_device_memory() // per_token) - max_prefill_chunk
+            max_model_len = min(context, fits // 16 * 16)
+            self.max_model_len_capped = max_model_len < context
+            if max_model_len < 2:
+                raise ValueError(
+                    f"no memory left for a KV cache: {max_batch_size} slots need {per_token / 2**20:.1f} MiB per "
+                    "token; lower max_batch_size or set max_model_len"
+                )
         self.max_batch_size = max_batch_size
         self.max_model_len = max_model_len
         self.max_prefill_chunk = max_prefill_chunk

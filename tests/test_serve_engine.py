@@ -237,3 +237,22 @@ def test_greedy_on_a_mesh_equals_one_device(model, generator):
 def test_key_data_is_jax_random_key():
     for seed in (0, 1, 2**31 - 1, 2**32 - 1):
         np.testing.assert_array_equal(key_data(seed), jax.random.key_data(jax.random.key(seed)))
+
+
+def test_default_max_model_len_is_capped_by_memory(model, monkeypatch):
+    """Without max_model_len the cache takes the model's context unless 30% of the free memory
+    holds less; then the longest multiple of 16 that fits (and a clear error when nothing fits)."""
+    import serve.engine as engine_module
+
+    _, config, params = model  # 3 layers x 2 kv heads x 16 dims x 4 bytes x 2 (k, v) = 768 bytes a slot
+    per_token = engine_module.kv_bytes_per_token(config, 2, np.float32)
+    assert per_token == 3 * 2 * 2 * 16 * 4 * 2
+    monkeypatch.setattr(engine_module, "free_device_memory", lambda: 10**9)
+    engine = Engine(config, params, max_batch_size=2, max_prefill_chunk=16)
+    assert engine.max_model_len == config.max_position_embeddings and not engine.max_model_len_capped
+    monkeypatch.setattr(engine_module, "free_device_memory", lambda: int((200.5 + 16) * per_token / 0.3))
+    engine = Engine(config, params, max_batch_size=2, max_prefill_chunk=16, kv_bucket_min=64)
+    assert engine.max_model_len == 192 and engine.max_model_len_capped
+    monkeypatch.setattr(engine_module, "free_device_memory", lambda: 0)
+    with pytest.raises(ValueError, match="no memory left for a KV cache"):
+        Engine(config, params, max_batch_size=2, max_prefill_chunk=16)
