@@ -34,10 +34,10 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(checkpoint):
     """8 slots, 256 tokens of context, prefill chunks of at most 32 tokens, an API key from the
-    environment, a 64 KiB body limit."""
+    environment, a 64 KiB body limit; jax logs every compilation (JAX_LOG_COMPILES)."""
     path = checkpoint[0]
     args = ("--max-model-len", str(CONTEXT), "--max-prefill-chunk", "32", "--max-request-bytes", str(BODY_LIMIT))
-    with Server(path, *args, env={"QWEN2_API_KEY": KEY}) as s:
+    with Server(path, *args, env={"QWEN2_API_KEY": KEY, "JAX_LOG_COMPILES": "1"}) as s:
         yield s
         assert s.stop() == 0, s.stderr()
 
@@ -298,6 +298,38 @@ def test_seeded_sampling_alone_equals_in_a_crowd(server):
     alone = asyncio.run(run([target]))[0]
     crowd = asyncio.run(run(others[:7] + [target] + others[7:]))
     assert crowd[7] == alone and len(alone) >= 1
+
+
+def test_no_compilation_after_ready(server, http):
+    """50 requests of random lengths and settings (greedy and sampled, filters, penalties, seeds,
+    logprobs, echo, stop strings, chat, streamed or not): jax compiles nothing after the ready line."""
+    rng = np.random.default_rng(21)
+
+    def body(i):
+        n = int(rng.integers(1, 200))
+        b = {"max_tokens": int(rng.integers(0 if i % 7 == 0 else 1, min(16, CONTEXT - n))), "stream": bool(i % 2)}
+        if i % 3 == 0:
+            b |= {"temperature": 0}
+        elif i % 3 == 1:
+            b |= {"temperature": float(rng.uniform(0.2, 1.5)), "top_k": int(rng.integers(0, 100)), "seed": i}
+            b |= {"top_p": float(rng.uniform(0.5, 1)), "min_p": float(rng.uniform(0, 0.2))}
+        b |= {"repetition_penalty": float(rng.uniform(0.9, 1.3))} if i % 4 == 0 else {}
+        if i % 5 == 0:
+            b |= {"logprobs": int(rng.integers(0, 6)), "echo": bool(i % 10 == 0)}
+        if i % 6 == 0:
+            b |= {"stop": ["a", "the"]}
+        if i % 8 == 0:
+            chat = {"messages": [{"role": "user", "content": "x " * n}], "logprobs": True, "top_logprobs": 2}
+            return "/v1/chat/completions", {**b, **chat, "max_tokens": 8}
+        return "/v1/completions", {**b, "prompt": _random_ids(rng, n)}
+
+    for i in range(50):
+        path, b = body(i)
+        r = http.post(path, json=b)
+        assert r.status_code == 200, (b, r.text)
+    ready = next(i for i, line in enumerate(server.lines) if "ready on http://" in line)
+    compiled = [line for line in server.lines[ready:] if "Compiling" in line]
+    assert not compiled, compiled[0][:300]
 
 
 # ----------------------------------------------------------------------------------- shutdown
