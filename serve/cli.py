@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import sys
 import time
@@ -109,6 +110,14 @@ class _Loader:
             raise UsageError(f"cannot load the tokenizer: {e}") from None
         if self.tokenizer is None:
             _log(f"{args.checkpoint} has no tokenizer.json: only token-id prompts will be served")
+        from serve.served_model import served_model
+
+        try:  # max_model_len is the engine's to decide: set once it is built
+            self.model = served_model(
+                args.checkpoint, self.config, name=self.name, max_model_len=0, tokenizer=self.tokenizer
+            )
+        except ValueError as e:  # a generation_config.json that cannot be used
+            raise UsageError(str(e)) from None
 
     def _mesh(self):
         sizes = parse_mesh(self.args.mesh)
@@ -126,7 +135,6 @@ class _Loader:
         from qwen2_jax.checkpoint import load_checkpoint
         from serve.engine import Engine
         from serve.scheduler import Scheduler
-        from serve.served_model import served_model
 
         args = self.args
         start = time.perf_counter()
@@ -149,14 +157,7 @@ class _Loader:
         scheduler = Scheduler(engine, max_queue=args.max_queue)
         scheduler.start(progress=lambda line: _log(f"compiling {line}"))
         _warm_request(scheduler)
-        model = served_model(
-            args.checkpoint,
-            config,
-            name=self.name,
-            max_model_len=engine.max_model_len,
-            tokenizer=self.tokenizer,
-            created=int(time.time()),
-        )
+        model = dataclasses.replace(self.model, max_model_len=engine.max_model_len)
         _log(f"warm after {time.perf_counter() - start:.1f} s")
         return model, scheduler
 

@@ -7,12 +7,13 @@ request into token ids and sampling settings, the response layer to turn token i
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Mapping
 from typing import Any
 
 from qwen2_jax.config import Qwen2Config
-from qwen2_jax.sampling import eos_ids_of, load_generation_config
+from qwen2_jax.sampling import GENERATION_CONFIG_FILE, eos_ids_of, load_generation_config
 from qwen2_jax.tokenizer import TOKENIZER_FILE, Qwen2Tokenizer, load_tokenizer
 
 # Keys of generation_config.json (as `load_generation_config` names them) that become request defaults.
@@ -23,8 +24,8 @@ SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
 class ServedModel:
     """name: the `model` clients send. vocab_size: the model's (padded) vocabulary, the bound on token
     ids. max_model_len: prompt + generated tokens per request. eos_ids: the tokens that end a reply.
-    defaults: sampling settings a request leaves unset (generation_config.json's, as vLLM uses them),
-    plus `max_new_tokens` when the file caps it."""
+    defaults: the values of sampling settings a request leaves unset, from generation_config.json
+    (`request_defaults`), plus `max_new_tokens` when the file caps replies."""
 
     name: str
     vocab_size: int
@@ -32,7 +33,6 @@ class ServedModel:
     eos_ids: tuple[int, ...]
     defaults: Mapping[str, Any]
     tokenizer: Qwen2Tokenizer | None = None
-    created: int = 0
 
     @property
     def max_new_tokens(self) -> int | None:
@@ -41,6 +41,27 @@ class ServedModel:
     def sampling_default(self, key: str, fallback):
         value = self.defaults.get(key)
         return fallback if value is None else value
+
+
+def request_defaults(checkpoint: str) -> dict[str, Any]:
+    """The sampling values generation_config.json sets, as vLLM takes them: each value the file has,
+    whatever its `do_sample` (a base model's file, with do_sample false and no temperature, leaves
+    requests at temperature 1.0, as in vLLM; HF's generate would be greedy)."""
+    path = os.path.join(checkpoint, GENERATION_CONFIG_FILE)
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        raw = json.load(f)  # load_generation_config has read it already: valid JSON
+    out: dict[str, Any] = {}
+    for key in (*SAMPLING_KEYS, "max_new_tokens"):
+        value = raw.get(key)
+        if value is None:
+            continue
+        integral = key in ("top_k", "max_new_tokens")
+        if isinstance(value, bool) or not isinstance(value, int if integral else (int, float)):
+            raise ValueError(f"{path}: {key} must be {'an integer' if integral else 'a number'}, got {value!r}")
+        out[key] = value
+    return out
 
 
 def default_model_name(checkpoint: str) -> str:
@@ -63,7 +84,6 @@ def served_model(
     name: str,
     max_model_len: int,
     tokenizer: Qwen2Tokenizer | None,
-    created: int = 0,
 ) -> ServedModel:
     gen = load_generation_config(checkpoint)
     eos = list(eos_ids_of(config, gen))
@@ -71,7 +91,7 @@ def served_model(
     # that closes turns with <|im_end|>, that is the end of the reply.
     if tokenizer is not None and tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
         eos.append(tokenizer.eos_token_id)
-    defaults = {k: gen[k] for k in (*SAMPLING_KEYS, "max_new_tokens") if gen.get(k) is not None}
+    defaults = request_defaults(checkpoint)
     return ServedModel(
         name=name,
         vocab_size=config.vocab_size,
@@ -79,5 +99,4 @@ def served_model(
         eos_ids=tuple(eos),
         defaults=defaults,
         tokenizer=tokenizer,
-        created=created,
     )

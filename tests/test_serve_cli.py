@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -58,3 +59,11 @@ def test_port_in_use(capsys, config_only):
         taken.listen()
         port = taken.getsockname()[1]
         _fails(capsys, ["--checkpoint", config_only, "--port", str(port)], f"cannot listen on 127.0.0.1:{port}")
+
+
+def test_unusable_generation_config(capsys, config_only, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text((Path(config_only) / "config.json").read_text())
+    (bad / "generation_config.json").write_text(json.dumps({"top_k": 2.5}))
+    _fails(capsys, ["--checkpoint", str(bad)], "top_k must be an integer")

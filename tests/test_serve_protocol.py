@@ -3,6 +3,7 @@ back from the stream (serve/text.py), and OpenAI's response shapes (serve/respon
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -11,7 +12,7 @@ from serve.generation import Reply
 from serve.protocol import parse_chat, parse_completion, parse_json
 from serve.requests import PromptLogprobs, ServeError, TopLogprobs
 from serve.responses import Responder
-from serve.served_model import ServedModel
+from serve.served_model import ServedModel, request_defaults
 from serve.text import StopMatcher, TextStream
 
 EOS = (151645, 151643)
@@ -100,6 +101,22 @@ def test_fields_map_onto_the_generation_request(model):
         ).logprobs
         == 5
     )
+
+
+def test_defaults_are_the_values_generation_config_sets(tmp_path, model):
+    """As vLLM: each value the file sets, whatever its do_sample; a base model's file (greedy for HF's
+    generate) leaves requests at temperature 1.0 and caps replies at its max_new_tokens."""
+    (tmp_path / "generation_config.json").write_text(
+        json.dumps({"do_sample": False, "eos_token_id": 151643, "max_new_tokens": 2048, "top_k": None})
+    )
+    assert request_defaults(str(tmp_path)) == {"max_new_tokens": 2048}
+    base = ServedModel(**{**model.__dict__, "defaults": request_defaults(str(tmp_path))})
+    s = parse_completion({"prompt": "a"}, base).request.sampling
+    assert (s.temperature, s.top_k, s.top_p, s.repetition_penalty) == (1.0, 0, 1.0, 1.0)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": "hot"}))
+    with pytest.raises(ValueError, match="temperature must be a number"):
+        request_defaults(str(tmp_path))
+    assert request_defaults(str(tmp_path / "none")) == {}
 
 
 # ----------------------------------------------------------------------------------- refusals
