@@ -219,24 +219,34 @@ def test_openai_client_raises_on_refusals(client):
 
 
 def test_disconnect_frees_the_slot(server, http):
-    """A client that leaves mid-stream: its request is cut (abort) well before its 240 tokens, and
-    no slot stays in use."""
-    before = _metrics(http)
-    body = {"prompt": [1, 2, 3], "max_tokens": 240, "ignore_eos": True, "stream": True}
-    with httpx.Client(base_url=server.base_url, headers={"Authorization": f"Bearer {KEY}"}) as c:
-        with c.stream("POST", "/v1/completions", json=body) as r:
-            lines = r.iter_lines()
-            assert sum(1 for line, _ in zip(lines, range(6)) if line.startswith("data: ")) >= 2
+    """A client that leaves mid-stream, and one that stops waiting for a whole reply: each request is
+    cut (abort) well before its 250 tokens, and no slot stays in use."""
     aborted = 'qwen2_serve_requests_finished_total{"finish_reason": "abort"}'
-    deadline = time.monotonic() + 10
-    while True:
-        m = _metrics(http)
-        if m.get(aborted, 0) == before.get(aborted, 0) + 1 and m["qwen2_serve_slots_used"] == 0:
-            break
-        assert time.monotonic() < deadline, m
-        time.sleep(0.05)
-    made = m["qwen2_serve_generation_tokens_total"] - before.get("qwen2_serve_generation_tokens_total", 0)
-    assert made < 240
+    body = {"prompt": [1, 2, 3], "max_tokens": 250, "ignore_eos": True}
+    headers = {"Authorization": f"Bearer {KEY}"}
+
+    def leave_mid_stream():
+        with httpx.Client(base_url=server.base_url, headers=headers) as c:
+            with c.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+                lines = r.iter_lines()
+                assert sum(1 for line, _ in zip(lines, range(6)) if line.startswith("data: ")) >= 2
+
+    def give_up_waiting():
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(server.base_url + "/v1/completions", json=body, headers=headers, timeout=0.2)
+
+    for leave in (leave_mid_stream, give_up_waiting):
+        before = _metrics(http)
+        leave()
+        deadline = time.monotonic() + 10
+        while True:
+            m = _metrics(http)
+            if m.get(aborted, 0) == before.get(aborted, 0) + 1 and m["qwen2_serve_slots_used"] == 0:
+                break
+            assert time.monotonic() < deadline, (leave.__name__, m)
+            time.sleep(0.05)
+        made = m["qwen2_serve_generation_tokens_total"] - before.get("qwen2_serve_generation_tokens_total", 0)
+        assert made < 250, leave.__name__
 
 
 def test_concurrent_greedy_requests_equal_generate_alone(server, checkpoint):
