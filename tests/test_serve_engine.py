@@ -36,8 +36,8 @@ def model(tmp_path_factory):
 def scheduler(model):
     _, config, params = model
     # 4 slots, chunks of at most 32 tokens: the longer prompts below are prefilled in several chunks;
-    # decode steps attend to 64, 128 or all 192 cache slots, as the longest row needs
-    engine = Engine(config, params, max_batch_size=4, max_model_len=160, max_prefill_chunk=32, kv_bucket_min=64)
+    # decode steps attend to 32, 64, 128 or all 192 cache slots, as the longest row needs
+    engine = Engine(config, params, max_batch_size=4, max_model_len=160, max_prefill_chunk=32, kv_bucket_min=32)
     sched = Scheduler(engine, max_queue=64)
     sched.start()
     yield sched
@@ -70,13 +70,15 @@ def _prompts(rng, n, vocab, low=1, high=90):
 
 
 def test_greedy_in_a_crowd_equals_generate_alone(scheduler, generator, model):
-    """16 staggered greedy requests of different lengths (1 to 89 tokens: chunked prefill over
-    several decode steps), mixed with 4 sampled ones, on 4 slots: each gets exactly the tokens of
-    `generate` of its prompt alone (float32)."""
+    """16 staggered greedy requests of different lengths (1 to 80 tokens: chunked prefill over
+    several decode steps; rows crossing from one cache prefix to the next), mixed with 4 sampled
+    ones, on 4 slots: each gets exactly the tokens of `generate` of its prompt alone (float32).
+    Lengths fall in few of generate's buckets (it compiles a program per bucket)."""
     _, config, _ = model
     rng = np.random.default_rng(0)
-    prompts = _prompts(rng, 16, config.vocab_size)
-    max_tokens = [int(x) for x in rng.integers(1, 40, 16)]
+    prompts = _prompts(rng, 16, config.vocab_size, high=48) + _prompts(rng, 2, config.vocab_size, 60, 80)
+    prompts = prompts[:14] + prompts[16:]
+    max_tokens = [int(x) for x in rng.integers(1, 17, 16)]
     requests = [GenerationRequest(tuple(p), m, GREEDY) for p, m in zip(prompts, max_tokens)]
     sampled = [GenerationRequest((5, 6, 7), 20, SamplingSettings(temperature=1.0, top_p=0.9, seed=i)) for i in range(4)]
     mixed = requests[:8] + sampled + requests[8:]
@@ -113,8 +115,8 @@ def test_no_compilation_after_warmup(scheduler, model):
     logprobs, max_tokens 0) compile nothing: the programs are the warm-up's."""
     _, config, _ = model
     before = dict(scheduler.engine.trace_counts)
-    # chunks 16 and 32, with and without prompt logprobs; greedy / sampling steps over 64, 128, 192 slots
-    assert before == {"prefill": 4, "decode": 6}
+    # chunks 16 and 32, with and without prompt logprobs; greedy / sampling steps over 32 to 192 slots
+    assert before == {"prefill": 4, "decode": 8}
     rng = np.random.default_rng(2)
     requests = []
     for p in _prompts(rng, 50, config.vocab_size, high=120):
