@@ -18,6 +18,7 @@ import uvicorn
 
 from serve.app import AppState
 
+BACKLOG = 2048  # uvicorn's default
 # After the engine is idle, how long uvicorn may take to send the last bytes and close connections.
 CLOSE_GRACE_S = 5.0
 
@@ -41,7 +42,8 @@ class _Server(uvicorn.Server):
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """The listening socket, bound before the slow start-up, so a taken port fails at once."""
+    """The listening socket, bound and listening before the slow start-up: a taken port fails at once,
+    and /health answers (503) while the model loads."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # proto named explicitly: asyncio sets TCP_NODELAY only on connections whose socket says IPPROTO_TCP;
     # with proto 0, Nagle held each stream's first chunks ~40 ms (the client's delayed ACK) on keep-alive
@@ -52,6 +54,7 @@ def bind(host: str, port: int) -> socket.socket:
     except OSError:
         sock.close()
         raise
+    sock.listen(BACKLOG)  # from here connections wait in the kernel until uvicorn accepts them
     sock.set_inheritable(True)
     return sock
 

@@ -343,12 +343,17 @@ def test_no_compilation_after_ready(server, http):
 
 
 # ----------------------------------------------------------------------------------- shutdown
-def test_sigterm_drains_then_exits_0(checkpoint):
-    """SIGTERM with two streams running: the short one finishes within --drain-timeout, the long one
-    is cut (finish_reason abort, a well-formed end), new connections are refused, exit status 0."""
+def test_health_while_starting_then_sigterm_drains_and_exits_0(checkpoint):
+    """/health answers 503 while the model loads, 200 once warm. SIGTERM with two streams running: the
+    short one finishes within --drain-timeout, the long one is cut (finish_reason abort, a well-formed
+    end), new connections are refused, exit status 0."""
     path = checkpoint[0]
     args = ("--max-prefill-chunk", "16", "--max-batch-size", "2", "--drain-timeout", "3")
-    with Server(path, *args) as server:
+    with Server(path, *args).start(wait_ready=False) as server:
+        server.wait_line("listening on")  # the port is open before the model loads: 503 until warm
+        assert httpx.get(server.base_url + "/health").json() == {"status": "starting"}
+        server.wait_ready(240)
+        assert httpx.get(server.base_url + "/health").status_code == 200
         client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0)
         streams = [
             client.completions.create(model="tiny-qwen2", prompt=[1, 2], max_tokens=m, stream=True, extra_body=extra)
