@@ -187,7 +187,7 @@ def _default_name(checkpoint: str) -> str:
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     check_args(args)
-    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None  # an empty key is no key
     loader = _Loader(args)
 
     from serve import server
