@@ -170,41 +170,58 @@ async def _read_body(request: Request, limit: int) -> bytes:
 async def _answer(state: AppState, request: Request, parse) -> Response:
     arrival = time.perf_counter()
     model, scheduler = state.serving()
-    job: Job = parse(parse_json(await _read_body(request, state.max_request_bytes)), model)
-    handle = scheduler.submit(job.request)
-    state.metrics.prompt_tokens.inc(len(job.prompt_ids))
-    responder = Responder(job, model)
-    events = deltas(handle, job, model, state.metrics, arrival)
-    if job.stream:
+    jobs: list[Job] = parse(parse_json(await _read_body(request, state.max_request_bytes)), model)
+    handles = []
+    try:
+        for job in jobs:
+            handles.append(scheduler.submit(job.request))
+    except ServeError:  # a batch is accepted whole or not at all
+        for handle in handles:
+            handle.cancel()
+        raise
+    state.metrics.prompt_tokens.inc(sum(len(job.prompt_ids) for job in jobs))
+    responder = Responder(jobs, model)
+    runs = [deltas(h, job, model, state.metrics, arrival) for h, job in zip(handles, jobs)]
+    if jobs[0].stream:
         return StreamingResponse(
-            _sse(request, handle, job, events, responder),
+            _sse(request, handles, jobs[0].include_usage, runs, responder),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            background=BackgroundTask(handle.cancel),  # idempotent; covers a stream closed before it began
+            background=BackgroundTask(_cancel_all, handles),  # idempotent; covers a stream closed before it began
         )
+    async with _cancel_on_disconnect(request, handles):
+        replies = await asyncio.gather(*(_whole(run) for run in runs))
+    return JSONResponse(responder.response(list(replies)))
+
+
+def _cancel_all(handles) -> None:
+    for handle in handles:
+        handle.cancel()
+
+
+async def _whole(run) -> Reply:
     reply = Reply()
-    async with _cancel_on_disconnect(request, handle):
-        async for delta in events:
-            reply.add(delta)
-    return JSONResponse(responder.response(reply))
+    async for delta in run:
+        reply.add(delta)
+    return reply
 
 
 def _sse_data(body: Any) -> bytes:
     return b"data: " + json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
 
-async def _sse(request: Request, handle, job: Job, events, responder: Responder):
+async def _sse(request: Request, handles, include_usage: bool, runs, responder: Responder):
     completion_tokens = 0
-    async with _cancel_on_disconnect(request, handle):
+    async with _cancel_on_disconnect(request, handles):
         try:
             for chunk in responder.first_chunks():
                 yield _sse_data(chunk)
-            async for delta in events:
+            async for i, delta in _merged(runs):
                 completion_tokens += len(delta.token_ids)
-                chunk = responder.chunk(delta)
+                chunk = responder.chunk(i, delta)
                 if chunk is not None:
                     yield _sse_data(chunk)
-            if job.include_usage:
+            if include_usage:
                 yield _sse_data(responder.usage_chunk(completion_tokens))
         except Exception as e:  # the status line is sent: report in the stream, as vLLM does
             traceback.print_exception(e, file=sys.stderr)
@@ -212,16 +229,48 @@ async def _sse(request: Request, handle, job: Job, events, responder: Responder)
         yield b"data: [DONE]\n\n"
 
 
+async def _merged(runs):
+    """(index, delta) from every run, in the order they come."""
+    if len(runs) == 1:
+        async for delta in runs[0]:
+            yield 0, delta
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i, run):
+        try:
+            async for delta in run:
+                await queue.put((i, delta))
+        finally:
+            await queue.put((i, done))
+
+    tasks = [asyncio.create_task(pump(i, run)) for i, run in enumerate(runs)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, delta = await queue.get()
+            if delta is done:
+                remaining -= 1
+            else:
+                yield i, delta
+        for task in tasks:
+            task.result()  # a run's error
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
 @contextlib.asynccontextmanager
-async def _cancel_on_disconnect(request: Request, handle):
-    """Cancel `handle` when the client disconnects while the body runs (the body was read already,
-    so the next ASGI message is the disconnect)."""
+async def _cancel_on_disconnect(request: Request, handles):
+    """Cancel the requests when the client disconnects while the body runs (the body was read
+    already, so the next ASGI message is the disconnect)."""
 
     async def watch():
         while True:
             message = await request.receive()
             if message["type"] == "http.disconnect":
-                handle.cancel()
+                _cancel_all(handles)
                 return
 
     task = asyncio.create_task(watch())

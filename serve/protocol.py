@@ -1,4 +1,5 @@
-"""OpenAI request bodies -> `Job`s (a `GenerationRequest` plus how to answer): every 400 is decided here.
+"""OpenAI request bodies -> `Job`s (a `GenerationRequest` plus how to answer it), one per prompt:
+every 400 is decided here.
 
 Fields as vLLM's OpenAI server takes them. Unknown fields are ignored, as OpenAI does; a known field
 with a wrong type or value is refused with one line that names it. Types are strict: `"5"` is not a
@@ -29,12 +30,13 @@ CHAT_ROLES = {"system", "user", "assistant", "tool"}
 
 @dataclasses.dataclass(frozen=True)
 class Job:
-    """One validated request. kind: "completion" or "chat". prompt_text: the prompt as text (echo).
+    """One validated prompt. kind: "completion" or "chat". prompt_text: the prompt as text (echo).
     logprobs: None, or how many alternatives each token's log-probability comes with. stop: stop
     strings (held back from the stream, cut from the output)."""
 
     kind: str
     request: GenerationRequest
+    index: int = 0  # the choice's index: its place in a completion request's batch of prompts
     stop: tuple[str, ...] = ()
     stream: bool = False
     include_usage: bool = False
@@ -117,22 +119,29 @@ def parse_json(raw: bytes) -> Any:
         raise ServeError(f"malformed JSON in the request body: {e}") from None
 
 
-def parse_completion(data: Any, model: ServedModel) -> Job:
+def parse_completion(data: Any, model: ServedModel) -> list[Job]:
+    """One job per prompt: `prompt` may be a batch (several strings or token-id lists), answered as
+    that many choices, `index` in the batch's order."""
     body = _validate(CompletionBody, data)
     _check_common(body, model)
     if body.best_of is not None and body.best_of != 1:
         raise ServeError(f"best_of must be 1 (one completion per request), got {body.best_of}", param="best_of")
     if body.suffix:
         raise ServeError("suffix is not supported", param="suffix")
-    ids, text = _completion_prompt(body.prompt, model)
     logprobs = _top_count(body.logprobs, "logprobs")
     echo = bool(body.echo)
-    max_tokens = _max_tokens(body.max_tokens, "max_tokens", len(ids), model, default=COMPLETION_DEFAULT_MAX_TOKENS)
-    request = _generation_request(body, model, ids, max_tokens, logprobs, prompt_logprobs=logprobs if echo else None)
-    return _job("completion", body, request, model, echo=echo, prompt_text=text, logprobs=logprobs)
+    jobs = []
+    for index, (ids, text) in enumerate(_completion_prompts(body.prompt, model)):
+        max_tokens = _max_tokens(body.max_tokens, "max_tokens", len(ids), model, default=COMPLETION_DEFAULT_MAX_TOKENS)
+        prompt_logprobs = logprobs if echo else None
+        request = _generation_request(body, model, ids, max_tokens, logprobs, prompt_logprobs=prompt_logprobs)
+        jobs.append(
+            _job("completion", body, request, model, echo=echo, prompt_text=text, logprobs=logprobs, index=index)
+        )
+    return jobs
 
 
-def parse_chat(data: Any, model: ServedModel) -> Job:
+def parse_chat(data: Any, model: ServedModel) -> list[Job]:
     body = _validate(ChatBody, data)
     _check_common(body, model)
     if body.tools:
@@ -149,7 +158,7 @@ def parse_chat(data: Any, model: ServedModel) -> Job:
     else:
         max_tokens = _max_tokens(body.max_tokens, "max_tokens", len(ids), model, default=None)
     request = _generation_request(body, model, ids, max_tokens, logprobs, prompt_logprobs=None)
-    return _job("chat", body, request, model, logprobs=logprobs)
+    return [_job("chat", body, request, model, logprobs=logprobs)]
 
 
 # ----------------------------------------------------------------------------------- checks
@@ -219,42 +228,44 @@ def _check_common(body: _CommonBody, model: ServedModel) -> None:
         raise ServeError("stream_options is only allowed when stream is true", param="stream_options")
 
 
-def _completion_prompt(prompt: Any, model: ServedModel) -> tuple[tuple[int, ...], str]:
-    """(token ids, text) of a completion prompt: a string, a list of one string, or a list of ids."""
+def _completion_prompts(prompt: Any, model: ServedModel) -> list[tuple[tuple[int, ...], str]]:
+    """(token ids, text) of each prompt: `prompt` is a string, a list of token ids, or a batch (a list
+    of strings and token-id lists)."""
     if prompt is None:
         raise ServeError("prompt is required", param="prompt")
     if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
-        if len(prompt) > 1:
-            raise ServeError(
-                f"prompt holds {len(prompt)} prompts; this server takes one prompt per request", param="prompt"
-            )
-        prompt = prompt[0]
+        return [_one_prompt(p, f"prompt[{i}]", model) for i, p in enumerate(prompt)]
+    return [_one_prompt(prompt, "prompt", model)]
+
+
+def _one_prompt(prompt: Any, where: str, model: ServedModel) -> tuple[tuple[int, ...], str]:
     if isinstance(prompt, str):
         if not prompt:
-            raise ServeError("prompt is empty", param="prompt")
+            raise ServeError(f"{where} is empty", param="prompt")
         ids = tuple(_tokenizer(model, "a text prompt").encode(prompt))
         if not ids:
-            raise ServeError("prompt is empty (0 tokens)", param="prompt")
+            raise ServeError(f"{where} is empty (0 tokens)", param="prompt")
         return ids, prompt
     if not isinstance(prompt, list):
         raise ServeError(
-            f"prompt must be a string or a list of token ids, got {_json_type(prompt)}",
+            f"{where} must be a string, a list of token ids, or a list of those, got {_json_type(prompt)}",
             param="prompt",
         )
     if not prompt:
-        raise ServeError("prompt is empty (0 tokens)", param="prompt")
-    ids = _token_ids(prompt, "prompt", model)
+        raise ServeError(f"{where} is empty (0 tokens)", param="prompt")
+    ids = _token_ids(prompt, where, model, param="prompt")
     text = model.tokenizer.decode(ids) if model.tokenizer is not None else ""
     return ids, text
 
 
-def _token_ids(values: list[Any], what: str, model: ServedModel) -> tuple[int, ...]:
+def _token_ids(values: list[Any], what: str, model: ServedModel, param: str | None = None) -> tuple[int, ...]:
+    param = param or what
     for i, t in enumerate(values):
         if not isinstance(t, int) or isinstance(t, bool):
-            raise ServeError(f"{what}[{i}] must be an integer token id, got {_short(t)}", param=what)
+            raise ServeError(f"{what}[{i}] must be an integer token id, got {_short(t)}", param=param)
         if not 0 <= t < model.vocab_size:
             raise ServeError(
-                f"{what}[{i}]: token id {t} is outside the model's vocabulary [0, {model.vocab_size})", param=what
+                f"{what}[{i}]: token id {t} is outside the model's vocabulary [0, {model.vocab_size})", param=param
             )
     return tuple(values)
 

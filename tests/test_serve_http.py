@@ -100,6 +100,26 @@ def test_greedy_equals_generate_and_stream_equals_whole(client, checkpoint):
         assert len({c["id"] for c in chunks}) == 1
 
 
+def test_a_batch_of_prompts_is_answered_choice_by_choice(client, checkpoint):
+    """A completion request with three prompts (as evaluation harnesses batch them): one choice per
+    prompt, in order, each `generate`'s tokens of its prompt alone; streamed, each index's chunks
+    join to its choice."""
+    rng = np.random.default_rng(4)
+    prompts = [_random_ids(rng, n) for n in (3, 50, 20)]
+    kw = dict(model="tiny-qwen2", prompt=prompts, max_tokens=12, temperature=0, extra_body={"return_token_ids": True})
+    whole = client.completions.create(**kw).model_dump()
+    assert [c["index"] for c in whole["choices"]] == [0, 1, 2]
+    for ids, choice in zip(prompts, whole["choices"]):
+        assert choice["token_ids"] == _alone(checkpoint, ids, 12) and choice["prompt_token_ids"] == ids
+    made = sum(len(c["token_ids"]) for c in whole["choices"])
+    assert whole["usage"]["prompt_tokens"] == 73 and whole["usage"]["completion_tokens"] == made
+    texts = ["", "", ""]
+    for chunk in client.completions.create(**kw, stream=True):
+        for c in chunk.choices:
+            texts[c.index] += c.text
+    assert texts == [c["text"] for c in whole["choices"]]
+
+
 def test_chat_template_async_streaming(server, tok):
     """The chat template is applied (the prompt's token count says so), and the async client's
     stream carries the non-streamed message, the role first and the usage last."""

@@ -9,7 +9,7 @@ import random
 import pytest
 
 from serve.generation import Reply
-from serve.protocol import parse_chat, parse_completion, parse_json
+from serve.protocol import Job, parse_chat, parse_completion, parse_json
 from serve.requests import PromptLogprobs, ServeError, TopLogprobs
 from serve.responses import Responder
 from serve.served_model import ServedModel, request_defaults
@@ -27,6 +27,16 @@ def model(tok):
     )
 
 
+def completion(body, model) -> Job:
+    (job,) = parse_completion(body, model)
+    return job
+
+
+def chat(body, model) -> Job:
+    (job,) = parse_chat(body, model)
+    return job
+
+
 def _refusal(parse, body, model) -> ServeError:
     with pytest.raises(ServeError) as info:
         parse(body, model)
@@ -37,7 +47,7 @@ def _refusal(parse, body, model) -> ServeError:
 
 # ----------------------------------------------------------------------------------- defaults
 def test_completion_defaults_come_from_generation_config(model, tok):
-    job = parse_completion({"model": "tiny", "prompt": "Hello world"}, model)
+    job = completion({"model": "tiny", "prompt": "Hello world"}, model)
     r = job.request
     assert r.prompt_ids == tuple(tok.encode("Hello world")) and job.prompt_text == "Hello world"
     assert r.max_tokens == 16  # OpenAI's and vLLM's completions default
@@ -46,7 +56,7 @@ def test_completion_defaults_come_from_generation_config(model, tok):
     assert r.stop_token_ids == EOS and r.logprobs is None and r.prompt_logprobs is None
     assert not job.stream and not job.echo and job.stop == ()
     # Set fields win; the unset ones keep the checkpoint's defaults (repetition_penalty applies to greedy too).
-    job = parse_completion({"prompt": [5, 6, 7], "temperature": 0, "top_k": -1, "seed": 3, "max_tokens": 9}, model)
+    job = completion({"prompt": [5, 6, 7], "temperature": 0, "top_k": -1, "seed": 3, "max_tokens": 9}, model)
     s = job.request.sampling
     assert s.greedy and s.top_k == 0 and s.repetition_penalty == 1.05 and s.seed == 3
     assert job.request.prompt_ids == (5, 6, 7) and job.request.max_tokens == 9
@@ -55,21 +65,19 @@ def test_completion_defaults_come_from_generation_config(model, tok):
 
 def test_default_max_tokens_fits_the_context(model, tok):
     ids = list(range(1, CONTEXT - 4))  # 59 tokens
-    assert parse_completion({"prompt": ids}, model).request.max_tokens == 5  # 16 capped by the room left
+    assert completion({"prompt": ids}, model).request.max_tokens == 5  # 16 capped by the room left
     messages = [{"role": "user", "content": "Hi there"}]
-    job = parse_chat({"messages": messages}, model)
+    job = chat({"messages": messages}, model)
     expect = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True))
     assert job.request.prompt_ids == tuple(expect)
     assert job.request.max_tokens == CONTEXT - len(expect)  # chat: the rest of the context (vLLM)
-    assert (
-        parse_chat({"messages": messages, "max_completion_tokens": 3, "max_tokens": 9}, model).request.max_tokens == 3
-    )
+    assert chat({"messages": messages, "max_completion_tokens": 3, "max_tokens": 9}, model).request.max_tokens == 3
     capped = ServedModel(**{**model.__dict__, "defaults": {**DEFAULTS, "max_new_tokens": 4}})
-    assert parse_chat({"messages": messages}, capped).request.max_tokens == 4
+    assert chat({"messages": messages}, capped).request.max_tokens == 4
 
 
 def test_fields_map_onto_the_generation_request(model):
-    job = parse_completion(
+    job = completion(
         {
             "prompt": ["one prompt in a list"],
             "echo": True,
@@ -89,17 +97,14 @@ def test_fields_map_onto_the_generation_request(model):
     assert r.max_tokens == 0 and r.logprobs == 3 and r.prompt_logprobs == 3
     assert r.stop_token_ids == (*EOS, 7) and job.stop == ("\n\n",)
     assert job.stream and job.include_usage and job.echo and job.return_token_ids
-    assert parse_completion({"prompt": "x", "ignore_eos": True}, model).request.stop_token_ids == ()
-    chat = parse_chat(
+    assert completion({"prompt": "x", "ignore_eos": True}, model).request.stop_token_ids == ()
+    job = chat(
         {"messages": [{"role": "developer", "content": [{"type": "text", "text": "Be brief."}]}], "logprobs": True},
         model,
     )
-    assert chat.logprobs == 0 and chat.request.logprobs == 0 and chat.request.prompt_logprobs is None
+    assert job.logprobs == 0 and job.request.logprobs == 0 and job.request.prompt_logprobs is None
     assert (
-        parse_chat(
-            {"messages": [{"role": "user", "content": "a"}], "logprobs": True, "top_logprobs": 5}, model
-        ).logprobs
-        == 5
+        chat({"messages": [{"role": "user", "content": "a"}], "logprobs": True, "top_logprobs": 5}, model).logprobs == 5
     )
 
 
@@ -111,12 +116,22 @@ def test_defaults_are_the_values_generation_config_sets(tmp_path, model):
     )
     assert request_defaults(str(tmp_path)) == {"max_new_tokens": 2048}
     base = ServedModel(**{**model.__dict__, "defaults": request_defaults(str(tmp_path))})
-    s = parse_completion({"prompt": "a"}, base).request.sampling
+    s = completion({"prompt": "a"}, base).request.sampling
     assert (s.temperature, s.top_k, s.top_p, s.repetition_penalty) == (1.0, 0, 1.0, 1.0)
     (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": "hot"}))
     with pytest.raises(ValueError, match="temperature must be a number"):
         request_defaults(str(tmp_path))
     assert request_defaults(str(tmp_path / "none")) == {}
+
+
+def test_a_batch_of_prompts_is_one_job_each(model, tok):
+    jobs = parse_completion({"prompt": ["Hello", [5, 6, 7], "Hi there"], "max_tokens": 3, "seed": 1}, model)
+    assert [j.index for j in jobs] == [0, 1, 2]
+    assert [j.prompt_ids for j in jobs] == [tuple(tok.encode("Hello")), (5, 6, 7), tuple(tok.encode("Hi there"))]
+    assert all(j.request.max_tokens == 3 and j.request.sampling.seed == 1 for j in jobs)
+    # each prompt's room in the context is its own
+    jobs = parse_completion({"prompt": [[1] * 60, [2]]}, model)
+    assert [j.request.max_tokens for j in jobs] == [4, 16]
 
 
 # ----------------------------------------------------------------------------------- refusals
@@ -125,8 +140,9 @@ COMPLETION_REFUSALS = [
     ({"prompt": []}, 400, "prompt", "empty"),
     ({}, 400, "prompt", "required"),
     ({"prompt": 5}, 400, "prompt", "a number"),
-    ({"prompt": ["a", "b"]}, 400, "prompt", "2 prompts"),
-    ({"prompt": [[1], [2]]}, 400, "prompt", "2 prompts"),
+    ({"prompt": ["a", ""]}, 400, "prompt", "prompt[1] is empty"),
+    ({"prompt": [[1], [2, 151936]]}, 400, "prompt", "prompt[1][1]: token id 151936 is outside"),
+    ({"prompt": [[1], 2]}, 400, "prompt", "integer token id"),
     ({"prompt": [1, 151936]}, 400, "prompt", "151936 is outside"),
     ({"prompt": [1, -1]}, 400, "prompt", "-1 is outside"),
     ({"prompt": [1, "2"]}, 400, "prompt", "integer token id"),
@@ -206,7 +222,7 @@ def test_body_must_be_a_json_object(model):
 
 def test_without_a_tokenizer_only_token_ids_are_served(model):
     bare = ServedModel(**{**model.__dict__, "tokenizer": None})
-    assert parse_completion({"prompt": [1, 2]}, bare).prompt_text == ""
+    assert completion({"prompt": [1, 2]}, bare).prompt_text == ""
     for parse, body in ((parse_completion, {"prompt": "hi"}), (parse_chat, {"messages": [{"role": "user"}]})):
         assert "no tokenizer" in str(_refusal(parse, body, bare))
 
@@ -258,7 +274,7 @@ def test_text_stream_decodes_incrementally_with_stops(tok):
 # ----------------------------------------------------------------------------------- responses
 def test_completion_response_shapes(model, tok):
     prompt = tok.encode("Hi you")
-    job = parse_completion({"prompt": prompt, "echo": True, "logprobs": 1, "max_tokens": 2}, model)
+    job = completion({"prompt": prompt, "echo": True, "logprobs": 1, "max_tokens": 2}, model)
     reply = Reply(
         text=" there",
         token_ids=[1052, 0],
@@ -266,7 +282,7 @@ def test_completion_response_shapes(model, tok):
         prompt_logprobs=PromptLogprobs((None, TopLogprobs(prompt[1], -3.0, ((9, -1.0),)))),
         finish_reason="length",
     )
-    body = Responder(job, model).response(reply)
+    body = Responder([job], model).response([reply])
     assert body["object"] == "text_completion" and body["id"].startswith("cmpl-") and body["model"] == "tiny"
     choice = body["choices"][0]
     assert choice["text"] == "Hi you there" and choice["finish_reason"] == "length"
@@ -279,12 +295,12 @@ def test_completion_response_shapes(model, tok):
 
 
 def test_chat_response_and_chunk_shapes(model, tok):
-    job = parse_chat(
+    job = chat(
         {"messages": [{"role": "user", "content": "a"}], "logprobs": True, "top_logprobs": 1, "stream": True}, model
     )
-    responder = Responder(job, model)
+    responder = Responder([job], model)
     reply = Reply(text="ok", token_ids=[564], logprobs=[TopLogprobs(564, -1.25, ((33, -0.25),))], finish_reason="stop")
-    body = responder.response(reply)
+    body = responder.response([reply])
     assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
     choice = body["choices"][0]
     assert choice["message"] == {"role": "assistant", "content": "ok"}
