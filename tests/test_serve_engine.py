@@ -258,3 +258,26 @@ def test_default_max_model_len_is_capped_by_memory(model, monkeypatch):
     monkeypatch.setattr(engine_module, "free_device_memory", lambda: 0)
     with pytest.raises(ValueError, match="no memory left for a KV cache"):
         Engine(config, params, max_batch_size=2, max_prefill_chunk=16)
+
+
+def test_bfloat16_greedy_in_a_crowd_equals_served_alone(model):
+    """bfloat16: a greedy request gets the same tokens alone and beside longer requests whose rows
+    make the decode steps attend to larger cache prefixes (row-independent kernels, masked keys that
+    add exact zeros)."""
+    path, config, _ = model
+    _, params = qwen2_jax.load_checkpoint(path, dtype="bfloat16")
+    sched = Scheduler(
+        Engine(config, params, max_batch_size=4, max_model_len=150, max_prefill_chunk=16, kv_bucket_min=64)
+    )
+    sched.start()
+    try:
+        rng = np.random.default_rng(5)
+        targets = [GenerationRequest(tuple(p), 24, GREEDY) for p in _prompts(rng, 3, config.vocab_size, 2, 12)]
+        alone = [asyncio.run(_run_staggered(sched, [t]))[0] for t in targets]
+        long_rows = [GenerationRequest(tuple(p), 40, GREEDY) for p in _prompts(rng, 3, config.vocab_size, 90, 110)]
+        crowd = asyncio.run(
+            _run_staggered(sched, [long_rows[0], targets[0], long_rows[1], targets[1], long_rows[2], targets[2]])
+        )
+    finally:
+        sched.shutdown()
+    assert [crowd[1], crowd[3], crowd[5]] == alone
