@@ -171,6 +171,13 @@ async def _answer(state: AppState, request: Request, parse) -> Response:
     arrival = time.perf_counter()
     model, scheduler = state.serving()
     jobs: list[Job] = parse(parse_json(await _read_body(request, state.max_request_bytes)), model)
+    capacity = scheduler.max_queue + scheduler.engine.max_batch_size
+    if len(jobs) > capacity:  # it could never be accepted whole: a 503 would invite retrying forever
+        raise ServeError(
+            f"prompt holds {len(jobs)} prompts, more than this server holds at once ({capacity}: "
+            "--max-batch-size + --max-queue); send smaller batches",
+            param="prompt",
+        )
     handles = []
     try:
         for job in jobs:

@@ -21,6 +21,10 @@ class ScriptedScheduler:
     """Answers every request with the token ids of `text` (then finish_reason "length"), or refuses it."""
 
     ready = True
+    max_queue = 2
+
+    class engine:  # stands in for the scheduler's Engine: its slot count
+        max_batch_size = 1
 
     def __init__(self, tokens: list[int], refuse: Exception | None = None):
         self.tokens = tokens
@@ -99,6 +103,15 @@ def test_starting_draining_and_full_queue_answer_503_with_retry_after(state):
     assert _request(state, "GET", "/health").json() == {"status": "draining"}
     r = _request(state, "POST", "/v1/chat/completions", json={"messages": [{"role": "user", "content": "a"}]})
     assert "shutting down" in _error(r, 503, "draining")
+
+
+def test_a_batch_beyond_the_queue_is_refused_whole(state):
+    state.scheduler = ScriptedScheduler([5, 6])
+    r = _request(state, "POST", "/v1/completions", json={"prompt": [[1], [2], [3], [4]], "max_tokens": 1})
+    assert "4 prompts, more than this server holds at once (3" in _error(r, 400, None)
+    assert not state.scheduler.handles
+    r = _request(state, "POST", "/v1/completions", json={"prompt": [[1], [2], [3]], "max_tokens": 1})
+    assert [c["index"] for c in r.json()["choices"]] == [0, 1, 2]
 
 
 def test_wrong_method_and_route(state):
