@@ -281,3 +281,18 @@ def test_bfloat16_greedy_in_a_crowd_equals_served_alone(model):
     finally:
         sched.shutdown()
     assert [crowd[1], crowd[3], crowd[5]] == alone
+
+
+def test_int8_served_equals_int8_generate_alone(model):
+    """quantize="int8" serves the int8 kernels generate uses: the same greedy tokens."""
+    _, config, params = model
+    sched = Scheduler(Engine(config, params, max_batch_size=2, max_model_len=64, max_prefill_chunk=16, quantize="int8"))
+    sched.start()
+    try:
+        prompts = [[5, 9, 2, 7, 1, 3], [8, 8, 1], [4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 2]]
+        served = asyncio.run(_run_staggered(sched, [GenerationRequest(tuple(p), 12, GREEDY) for p in prompts]))
+    finally:
+        sched.shutdown()
+    int8 = Generator(config, params, quantize="int8")
+    for p, got in zip(prompts, served):
+        assert got == int8.generate([p], GenerateOptions(12, eos_token_ids=[]))[0]
