@@ -144,9 +144,10 @@ class ModelSetup:
             raise ConfigError(f"{path}: its config.json differs from the model being trained")
         return params
 
-    def write_checkpoint_files(self, directory: str, source: str) -> None:
-        """config.json and the metadata file that make a training checkpoint loadable by load_checkpoint."""
-        write_checkpoint_files(directory, self.config, self.param_dtype.name, source)
+    def write_checkpoint_files(self, directory: str, source: str, assets_from: str | None = None) -> None:
+        """config.json and the metadata file that make a training checkpoint loadable by load_checkpoint,
+        and the tokenizer / generation assets of `assets_from` (a checkpoint directory) when given."""
+        write_checkpoint_files(directory, self.config, self.param_dtype.name, source, assets_from=assets_from)
 
     # ------------------------------------------------------------------------------- the forward
     def trunk(self, params, input_ids_bt, attention_mask_bt, rng=None, segment_ids_bt=None):
