@@ -27,7 +27,10 @@ QWEN2_MARKED_TEMPLATE = (
 )
 
 CONVERSATIONS = [
-    [{"role": "user", "content": "What does decimal.Context.quantize do?"}, {"role": "assistant", "content": "It rounds."}],
+    [
+        {"role": "user", "content": "What does decimal.Context.quantize do?"},
+        {"role": "assistant", "content": "It rounds."},
+    ],
     [
         {"role": "system", "content": "You answer in one line."},
         {"role": "user", "content": "Hi"},

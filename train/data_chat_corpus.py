@@ -73,7 +73,8 @@ def _exchanges(path: Path, root: Path) -> Iterator[tuple[dict[str, str], dict[st
             continue
         answer = first_sentence(docstring)
         if answer is not None:
-            yield {"role": "user", "content": f"What does `{module}.{name}` do?"}, {"role": "assistant", "content": answer}
+            question = {"role": "user", "content": f"What does `{module}.{name}` do?"}
+            yield question, {"role": "assistant", "content": answer}
 
 
 def first_sentence(docstring: str) -> str | None:

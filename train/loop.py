@@ -173,9 +173,7 @@ def train(config: TrainConfig, data: DataProvider | None = None, log=print) -> d
             vocab_size = run.setup.config.vocab_size
             data = distributed.process_0_first("corpus", lambda: ChatCorpus(config, run.source.checkpoint, vocab_size))
         else:
-            data = distributed.process_0_first(
-                "corpus", lambda: Corpus(config.data, config.seq_len, progress=progress)
-            )
+            data = distributed.process_0_first("corpus", lambda: Corpus(config.data, config.seq_len, progress=progress))
     distributed.check_shared_directory(config.output_dir)
     store = CheckpointStore(config.output_dir, keep=config.keep_checkpoints, async_saves=config.async_checkpoints)
     try:

@@ -81,7 +81,8 @@ class ChatCorpus:
         largest = max(int(d.input_ids.max()) for d in documents)
         if largest >= vocab_size:
             raise ChatDataError(
-                f"{self.tokenizer_dir}: its tokenizer makes token id {largest}, past the model's vocab_size {vocab_size}"
+                f"{self.tokenizer_dir}: its tokenizer makes token id {largest}, past the model's vocab_size "
+                f"{vocab_size}"
             )
         tok = self.renderer.tokenizer
         pad_id = next((i for i in (tok.pad_token_id, tok.eos_token_id) if i is not None), 0)
