@@ -16,6 +16,7 @@ import sys
 
 import pytest
 import yaml
+
 from test_train_cli import _env, _losses, _records, _start_and_signal
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,7 +40,8 @@ def _chat_rows():
         rows.append({"prompt": [user], "completion": [assistant]})
         rows.append({"prompt": f"Q: {q}\nA:", "completion": f" {a}"})
         q2, a2 = QUESTIONS[(i + 1) % len(QUESTIONS)]
-        rows.append({"messages": [user, assistant, {"role": "user", "content": q2}, {"role": "assistant", "content": a2}]})
+        second = [{"role": "user", "content": q2}, {"role": "assistant", "content": a2}]
+        rows.append({"messages": [user, assistant, *second]})
     return rows
 
 
@@ -47,8 +49,9 @@ def _chat_rows():
 def hf_model_dir(tmp_path_factory, hf_tok):
     """A random tiny Qwen2 in an HF directory, with every parameter random and Qwen2's tokenizer."""
     import torch
-    from hf_utils import randomize_all
     from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from hf_utils import randomize_all
 
     path = tmp_path_factory.mktemp("tiny-hf")
     config = Qwen2Config(
