@@ -80,9 +80,10 @@ class ChatCorpus:
             raise ChatDataError(f"data.sources: no rows in {', '.join(self.files)}")
         largest = max(int(d.input_ids.max()) for d in documents)
         if largest >= vocab_size:
+            whose = "the model's tokenizer" if self.tokenizer_dir == Path(model_dir or "") else "Qwen2's tokenizer"
             raise ChatDataError(
-                f"{self.tokenizer_dir}: its tokenizer makes token id {largest}, past the model's vocab_size "
-                f"{vocab_size}"
+                f"data.sources: {whose} ({self.tokenizer_dir}) makes token id {largest}, past the model's "
+                f"vocab_size {vocab_size}"
             )
         tok = self.renderer.tokenizer
         pad_id = next((i for i in (tok.pad_token_id, tok.eos_token_id) if i is not None), 0)
