@@ -99,9 +99,8 @@ class ChatCorpus:
                 raise ChatDataError(
                     f"data.eval_sequences: {held_out} held-out rows leave none to train on ({len(rows)} rows)"
                 )
-        eval_index = held_out_rows(len(rows), held_out) if held_out else np.zeros(0, np.int64)
-        train_index = np.setdiff1d(np.arange(len(rows)), eval_index)
-        self.train_rows, self.eval_rows = rows.take(train_index), rows.take(eval_index)
+        is_eval = held_out_rows(len(rows), held_out)  # spread evenly over the rows
+        self.train_rows, self.eval_rows = rows.take(np.flatnonzero(~is_eval)), rows.take(np.flatnonzero(is_eval))
         self._name = ", ".join(self.files)
 
     def summary(self, seq_len: int, packing: bool, truncation: str) -> str:
