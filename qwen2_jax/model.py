@@ -22,16 +22,7 @@ from qwen2_jax import cpu_kernels
 from qwen2_jax.backend import backend
 from qwen2_jax.config import Qwen2Config
 from qwen2_jax.kv_cache import KVCache
-from qwen2_jax.layers import (
-    MLP,
-    Attention,
-    RMSNorm,
-    attention_mask,
-    normal_init,
-    param,
-    rotary_tables,
-    segment_mask,
-)
+from qwen2_jax.layers import MLP, Attention, RMSNorm, attention_mask, normal_init, param, rotary_tables, segment_mask
 from qwen2_jax.matmul import Int8Kernel, apply_kernel
 from qwen2_jax.moe import SparseMoeBlock
 from qwen2_jax.options import RunOptions

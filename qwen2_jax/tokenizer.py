@@ -223,7 +223,7 @@ def load_tokenizer(directory: str | os.PathLike) -> Qwen2Tokenizer:
         raise FileNotFoundError(f"tokenizer directory {directory} not found")
     config = _read_json(directory / TOKENIZER_CONFIG_FILE)
     if not config.get("chat_template") and (directory / CHAT_TEMPLATE_FILE).is_file():
-        # transformers >= 4.50 saves the template beside tokenizer_config.json rather than inside it
+        # transformers 5's save_pretrained writes the template beside tokenizer_config.json, not into it
         config["chat_template"] = (directory / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
     backend = _load_backend(directory / TOKENIZER_FILE)
     return Qwen2Tokenizer(backend, config, source=directory)
