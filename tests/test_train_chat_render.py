@@ -157,6 +157,11 @@ def test_checkpoint_without_template_gets_qwen2_chatml(tok):
             {"prompt": [{"role": "user", "content": "a"}], "completion": [{"role": "user", "content": "b"}]},
             "x.jsonl:7: completion: no assistant turn to learn from",
         ),
+        (
+            {"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]},
+            "x.jsonl:7: messages[0].role: a conversation cannot open with an assistant turn",
+        ),
+        ({"prompt": [], "completion": [{"role": "assistant", "content": "b"}]}, "x.jsonl:7: prompt: empty"),
         ({"prompt": "a"}, "x.jsonl:7: completion: missing"),
         ({"prompt": "a", "completion": ""}, "x.jsonl:7: completion: empty"),
         ({"prompt": "a", "completion": [{"role": "assistant", "content": "b"}]}, "x.jsonl:7: prompt, completion"),

@@ -86,7 +86,7 @@ class ChatRenderer:
             if isinstance(prompt, str) and isinstance(completion, str):
                 return self._text(prompt, completion, where)
             if isinstance(prompt, list) and isinstance(completion, list):
-                prompt_messages = _messages(prompt, f"{where}: prompt", allow_empty=True)
+                prompt_messages = _messages(prompt, f"{where}: prompt")
                 completion_messages = _messages(completion, f"{where}: completion")
                 messages = prompt_messages + completion_messages
                 trained = [i for i in range(len(prompt), len(messages)) if messages[i]["role"] == "assistant"]
@@ -111,10 +111,16 @@ class ChatRenderer:
                 f"{where}: {field}: no assistant turn to learn from (loss.assistant_only is true, so nothing "
                 "in this row would be trained)"
             )
+        if trained and trained[0] == 0:
+            # the template's text before a first turn (a default system prompt) cannot be told apart from it
+            raise ChatDataError(
+                f"{where}: {field}[0].role: a conversation cannot open with an assistant turn (put a system or "
+                "user turn first)"
+            )
         full = self._render(messages, False, where, field)
         spans = []
         for i in trained:
-            before = self._render(messages[:i], True, where, field) if i else ""
+            before = self._render(messages[:i], True, where, field)
             through = self._render(messages[: i + 1], False, where, field)
             if not (full.startswith(through) and through.startswith(before)):
                 raise ChatDataError(
@@ -143,11 +149,11 @@ class ChatRenderer:
         return Document(ids, np.where(trained, ids, IGNORE_INDEX).astype(np.int32))
 
 
-def _messages(value: Any, where: str, *, allow_empty: bool = False) -> list[dict]:
+def _messages(value: Any, where: str) -> list[dict]:
     """The message list, checked: objects with a known role and string content, no empty assistant turn."""
     if not isinstance(value, list):
         raise ChatDataError(f"{where}: must be a list of messages, got {type(value).__name__}")
-    if not value and not allow_empty:
+    if not value:
         raise ChatDataError(f"{where}: empty")
     out = []
     for i, message in enumerate(value):
