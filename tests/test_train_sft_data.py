@@ -56,6 +56,18 @@ def test_stream_state_names_the_packed_rows(tmp_path, tok_dir):
     np.testing.assert_array_equal(next(again)["input_ids"], next(it)["input_ids"])
 
 
+def test_packed_rows_are_cached_until_an_input_changes(tmp_path, tok_dir):
+    rows = [_conversation(i) for i in range(6)]
+    first = ChatCorpus(_config(tmp_path, rows), str(tok_dir), 151936)
+    again = ChatCorpus(_config(tmp_path, rows), str(tok_dir), 151936)
+    assert not first.cached and again.cached and "read from the cache" in again.summary(128, True, "cut")
+    np.testing.assert_array_equal(again.train_rows.labels, first.train_rows.labels)
+    assert again.stats == first.stats
+    assert not ChatCorpus(_config(tmp_path, rows, "loss.assistant_only=false"), str(tok_dir), 151936).cached
+    changed = ChatCorpus(_config(tmp_path, rows + [_conversation(9)]), str(tok_dir), 151936)  # the file changed
+    assert not changed.cached and changed.stats.documents == 7
+
+
 def test_token_ids_past_the_vocabulary_exit_2(tmp_path, tok_dir):
     with pytest.raises(ChatDataError, match=r"makes token id \d+, past the model's vocab_size 1000"):
         ChatCorpus(_config(tmp_path, [_conversation(0)]), str(tok_dir), 1000)

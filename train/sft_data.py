@@ -2,7 +2,10 @@
 
 Every row of every source is rendered and checked before the model is built or anything compiled
 (train/chat_render.py: a bad row is one line naming its file, line and field, exit 2), then packed
-into rows of seq_len (train/packing.py). Rows are held in memory; a held-out split is kept only when
+into rows of seq_len (train/packing.py). The rows are held in memory and kept in
+`<data.cache_dir>/sft/`, named by a hash of every input that made them (file contents, tokenizer,
+template, settings), so a rerun or a resume reads them instead of rendering again (a bad row never
+reaches the cache). A held-out split is kept only when
 the run evaluates (`eval_every` > 0: `data.eval_sequences` rows, or DEFAULT_EVAL_FRACTION of them).
 Training batches come from the pretraining stream (train/data_loader.py's TrainBatches, over these
 rows): the same seeded epoch shuffles, the same per-process rows, the same resumable state (its
@@ -16,7 +19,9 @@ the chat template used, into the run's checkpoint directory, so `qwen2-generate 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import io
 import json
 import os
 from pathlib import Path
@@ -35,6 +40,21 @@ from train.packing import PackedRows, PackStats, pack
 
 BATCH_FIELDS = ("input_ids", "labels", "segment_ids")
 BUILTIN_TOKENIZER = "qwen2-chatml"  # under <data.cache_dir>/tokenizers/
+CACHE_VERSION = "qwen2-jax-sft-rows-1"  # packed rows under <data.cache_dir>/sft/; change with their layout
+
+
+def _file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _load_rows(path: Path) -> tuple[PackedRows, PackStats]:
+    with np.load(path, allow_pickle=False) as cached:
+        rows = PackedRows(*(cached[field] for field in BATCH_FIELDS))
+        return rows, PackStats(**json.loads(str(cached["stats"])))
 
 
 class RowSource:
@@ -75,21 +95,16 @@ class ChatCorpus:
         self.renderer = ChatRenderer(load_tokenizer(self.tokenizer_dir), assistant_only=config.loss.assistant_only)
         sources = list(config.data.sources) or [str(p) for p in default_chat_sources(config.data.cache_dir)]
         self.files = jsonl_files(sources)
-        documents = [self.renderer.document(row, where) for path in self.files for row, where in read_rows(path)]
-        if not documents:
-            raise ChatDataError(f"data.sources: no rows in {', '.join(self.files)}")
-        largest = max(int(d.input_ids.max()) for d in documents)
+        cache = self._cache_path(config)
+        self.cached = cache.is_file()
+        rows, self.stats = _load_rows(cache) if self.cached else self._render_and_pack(config, cache)
+        largest = int(rows.input_ids.max())
         if largest >= vocab_size:
             whose = "the model's tokenizer" if self.tokenizer_dir == Path(model_dir or "") else "Qwen2's tokenizer"
             raise ChatDataError(
                 f"data.sources: {whose} ({self.tokenizer_dir}) makes token id {largest}, past the model's "
                 f"vocab_size {vocab_size}"
             )
-        tok = self.renderer.tokenizer
-        pad_id = next((i for i in (tok.pad_token_id, tok.eos_token_id) if i is not None), 0)
-        rows, self.stats = pack(
-            documents, config.seq_len, packing=config.data.packing, truncation=config.data.truncation, pad_id=pad_id
-        )
         if len(rows) == 0:
             raise ChatDataError(f"data.sources: no row left after data.truncation={config.data.truncation}")
         held_out = 0
@@ -103,6 +118,37 @@ class ChatCorpus:
         self.train_rows, self.eval_rows = rows.take(np.flatnonzero(~is_eval)), rows.take(np.flatnonzero(is_eval))
         self._name = ", ".join(self.files)
 
+    def _cache_path(self, config: TrainConfig) -> Path:
+        """Where the packed rows of these sources and settings are kept: the name hashes every input of
+        rendering and packing (file contents, tokenizer, template, settings), so a change re-renders."""
+        digest = hashlib.sha256(CACHE_VERSION.encode())
+        for path in self.files:
+            digest.update(_file_sha256(path).encode())
+        digest.update(_file_sha256(str(self.tokenizer_dir / TOKENIZER_FILE)).encode())
+        tok = self.renderer.tokenizer
+        settings = [tok.config["chat_template"], tok.eos_token_id, tok.pad_token_id, config.seq_len]
+        settings += [config.data.packing, config.data.truncation, config.loss.assistant_only]
+        digest.update(json.dumps(settings).encode())
+        label = Path(self.files[0]).stem if len(self.files) == 1 else "chat"
+        return Path(os.path.expanduser(config.data.cache_dir)) / "sft" / f"{label}-{digest.hexdigest()[:16]}.npz"
+
+    def _render_and_pack(self, config: TrainConfig, cache: Path) -> tuple[PackedRows, PackStats]:
+        """Every row rendered and checked (the first bad one raises), packed, and kept in `cache`."""
+        documents = [self.renderer.document(row, where) for path in self.files for row, where in read_rows(path)]
+        if not documents:
+            raise ChatDataError(f"data.sources: no rows in {', '.join(self.files)}")
+        tok = self.renderer.tokenizer
+        pad_id = next((i for i in (tok.pad_token_id, tok.eos_token_id) if i is not None), 0)
+        rows, stats = pack(
+            documents, config.seq_len, packing=config.data.packing, truncation=config.data.truncation, pad_id=pad_id
+        )
+        buffer = io.BytesIO()
+        arrays = {field: getattr(rows, field) for field in BATCH_FIELDS}
+        np.savez(buffer, stats=np.array(json.dumps(dataclasses.asdict(stats))), **arrays)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        atomic.write_bytes(cache, buffer.getvalue())
+        return rows, stats
+
     def summary(self, seq_len: int, packing: bool, truncation: str) -> str:
         s: PackStats = self.stats
         how = "packed" if packing else "one per row"
@@ -110,6 +156,7 @@ class ChatCorpus:
             f"sft data: {s.documents} conversations from {len(self.files)} file(s) -> {s.rows} rows of {seq_len} "
             f"tokens ({how}, {s.fill:.0%} filled), {s.targets} trained tokens; longer than seq_len: {s.cut} cut, "
             f"{s.dropped} dropped (data.truncation={truncation}); {len(self.eval_rows)} rows held out"
+            + (" (rendered before, read from the cache)" if self.cached else "")
         )
 
     def train_iterator(self, *, global_batch_size, seed, process_index, process_count):
