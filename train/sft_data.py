@@ -98,6 +98,8 @@ class ChatCorpus:
         cache = self._cache_path(config)
         self.cached = cache.is_file()
         rows, self.stats = _load_rows(cache) if self.cached else self._render_and_pack(config, cache)
+        if len(rows) == 0:
+            raise ChatDataError(f"data.sources: no row left after data.truncation={config.data.truncation}")
         largest = int(rows.input_ids.max())
         if largest >= vocab_size:
             whose = "the model's tokenizer" if self.tokenizer_dir == Path(model_dir or "") else "Qwen2's tokenizer"
@@ -105,8 +107,6 @@ class ChatCorpus:
                 f"data.sources: {whose} ({self.tokenizer_dir}) makes token id {largest}, past the model's "
                 f"vocab_size {vocab_size}"
             )
-        if len(rows) == 0:
-            raise ChatDataError(f"data.sources: no row left after data.truncation={config.data.truncation}")
         held_out = 0
         if config.eval_every:
             held_out = config.data.eval_sequences or max(1, round(DEFAULT_EVAL_FRACTION * len(rows)))
