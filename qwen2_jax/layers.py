@@ -220,6 +220,13 @@ def write_at(buffer_bs, chunk_bt, write_index):
     )
 
 
+def segment_mask(q_segment_bt, k_segment_bs):
+    """Boolean [b, 1, t, s]: a query sees only keys of its own document. Packed training rows hold
+    several documents, numbered 1, 2, ... along the row (0 = padding); ANDed into `attention_mask`'s
+    mask, it reaches every attention path (dense, CPU blocks, sharded, cuDNN's bias) unchanged."""
+    return (q_segment_bt[:, :, None] == k_segment_bs[:, None, :])[:, None]
+
+
 # XLA:CPU runs jax.nn.dot_product_attention as one [t, s] score block per head. Measured here
 # (Qwen2-0.5B heads, float32, 2 cores): splitting the queries into blocks of 64 that attend only to
 # the keys up to their own end is 4.6x faster at b=1 t=512, 2.5x at b=4 t=512 and 2.2x at b=1 t=2048
@@ -251,7 +258,7 @@ def attention_core(q_btnh, k_bskh, v_bskh, mask_b1ts, scale, write_index=None):
     if keys_start_at_query_0 and t > 1 and _fused_attention_available(q_btnh):
         # XLA's attention on GPU materialises every [t, s] score block (and the scan keeps one per
         # layer for the backward pass: 42 GiB at Qwen2-0.5B, batch 16 x 2048 on an H100); cuDNN's
-        # fused kernel keeps none. The mask (padding, sliding window) goes in as a bias.
+        # fused kernel keeps none. The mask (padding, sliding window, packed documents) goes in as a bias.
         out = jax.nn.dot_product_attention(
             q_btnh, k_bskh, v_bskh, mask=mask_b1ts, scale=scale, is_causal=True, implementation="cudnn"
         )

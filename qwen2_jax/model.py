@@ -22,7 +22,17 @@ from qwen2_jax import cpu_kernels
 from qwen2_jax.backend import backend
 from qwen2_jax.config import Qwen2Config
 from qwen2_jax.kv_cache import KVCache
-from qwen2_jax.layers import MLP, Attention, RMSNorm, attention_mask, normal_init, param, rotary_tables, write_at
+from qwen2_jax.layers import (
+    MLP,
+    Attention,
+    RMSNorm,
+    attention_mask,
+    normal_init,
+    param,
+    rotary_tables,
+    segment_mask,
+    write_at,
+)
 from qwen2_jax.matmul import Int8Kernel, apply_kernel
 from qwen2_jax.moe import SparseMoeBlock
 from qwen2_jax.options import RunOptions
@@ -127,11 +137,14 @@ class Qwen2ForCausalLM(nn.Module):
         output_hidden_states: bool = False,
         output_router_logits: bool = False,
         return_logits: bool = True,
+        segment_ids_bt=None,
     ):
         """Returns a dict: logits [b, t, vocab] float32 (or [b, 1, vocab] at `logits_index_b`; with
         return_logits=False, `final_hidden` [b, t, d] after the final norm instead), and `cache`,
         `hidden_states` (HF's convention: embeddings, each layer's output, the last one after the
-        final norm), `router_logits` when asked."""
+        final norm), `router_logits` when asked. `segment_ids_bt` (uncached only): packed rows, a
+        document number per token; attention stays inside each document (positions are the caller's:
+        `positions_from_segments`)."""
         cfg, opt = self.config, self.options
         embedding = param(
             self,
@@ -160,6 +173,12 @@ class Qwen2ForCausalLM(nn.Module):
             if any(cfg.layer_is_sliding)
             else None
         )
+        if segment_ids_bt is not None:
+            if cache is not None:
+                raise ValueError("segment_ids_bt are for an uncached forward (packed training rows)")
+            same_document = segment_mask(segment_ids_bt, segment_ids_bt)
+            mask_full = mask_full & same_document
+            mask_sliding = None if mask_sliding is None else mask_sliding & same_document
 
         layer_cls = DecoderLayer
         if opt.remat != "none":
@@ -261,3 +280,16 @@ def positions_from_mask(attention_mask_bt):
     """Positions that count real tokens only (HF generate's cumsum(mask) - 1), 0 on padding."""
     mask = attention_mask_bt.astype(jnp.int32)
     return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0) * mask
+
+
+def positions_from_segments(segment_ids_bt):
+    """Positions that restart at 0 where each document of a packed row starts (a document is a run of
+    one segment id), 0 on padding (segment id 0)."""
+    segment_ids_bt = jnp.asarray(segment_ids_bt, jnp.int32)
+    t = segment_ids_bt.shape[1]
+    index_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), segment_ids_bt.shape)
+    starts_bt = jnp.concatenate(
+        [jnp.ones_like(segment_ids_bt[:, :1], bool), segment_ids_bt[:, 1:] != segment_ids_bt[:, :-1]], axis=1
+    )
+    first_bt = jax.lax.cummax(jnp.where(starts_bt, index_bt, 0), axis=1)
+    return jnp.where(segment_ids_bt > 0, index_bt - first_bt, 0)

@@ -22,6 +22,7 @@ from tokenizers import Tokenizer
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 
 @lru_cache(maxsize=1)
@@ -221,5 +222,8 @@ def load_tokenizer(directory: str | os.PathLike) -> Qwen2Tokenizer:
     if not directory.is_dir():
         raise FileNotFoundError(f"tokenizer directory {directory} not found")
     config = _read_json(directory / TOKENIZER_CONFIG_FILE)
+    if not config.get("chat_template") and (directory / CHAT_TEMPLATE_FILE).is_file():
+        # transformers 5's save_pretrained writes the template beside tokenizer_config.json, not into it
+        config["chat_template"] = (directory / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
     backend = _load_backend(directory / TOKENIZER_FILE)
     return Qwen2Tokenizer(backend, config, source=directory)

@@ -149,6 +149,15 @@ def test_missing_chat_template(tmp_path, tok_dir):
         tok.apply_chat_template(CONVERSATION)
 
 
+def test_chat_template_saved_beside_the_config_by_transformers(tmp_path, tok_dir, hf_tok):
+    """transformers 5's save_pretrained writes chat_template.jinja, not a tokenizer_config.json entry."""
+    hf_tok.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    assert "chat_template" not in config and (tmp_path / "chat_template.jinja").is_file()
+    ours = load_tokenizer(tmp_path).apply_chat_template(CONVERSATION)
+    assert ours == hf_tok.apply_chat_template(CONVERSATION, tokenize=False, add_generation_prompt=True)
+
+
 def _with_template(tok, template):
     return Qwen2Tokenizer(tok.backend, {**tok.config, "chat_template": template})
 

@@ -134,7 +134,7 @@ def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding, global_b
     out = {}
     for name, rows in local.items():
         rows = np.asarray(rows)
-        if name in ("input_ids", "labels", "attention_mask"):
+        if name in ("input_ids", "labels", "attention_mask", "segment_ids"):
             rows = rows.astype(np.int32, copy=False)
         shape = (global_batch_size,) + rows.shape[1:]
         out[name] = jax.make_array_from_process_local_data(sharding, rows, shape)

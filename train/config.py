@@ -24,6 +24,8 @@ from qwen2_jax.dtypes import PARAM_DTYPE_NAMES
 DTYPES = PARAM_DTYPE_NAMES
 REMAT_POLICIES = ("none", "dots", "full")
 SCHEDULES = ("cosine", "linear", "constant")
+TASKS = ("pretrain", "sft")
+TRUNCATION_MODES = ("cut", "drop")
 
 
 class ConfigKeyError(UsageError, ValueError):
@@ -65,6 +67,7 @@ class LossConfig:
     chunk_length: int = 256
     z_loss_coef: float = 0.0  # router z-loss (MoE), off as in HF
     aux_loss_coef: float | None = None  # MoE load-balancing weight; None = the model's router_aux_loss_coef
+    assistant_only: bool = True  # sft: loss on assistant turns (and completions) only; false = every token
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,10 +78,13 @@ class DataConfig:
     cache_dir: str = "~/.cache/qwen2-jax/data"  # prepared token shards, reused across runs
     text_key: str = "text"  # the JSONL field holding the text
     eval_sequences: int | None = None  # held-out rows; None = the pipeline's default fraction
+    packing: bool = True  # sft: several conversations per row, attention kept inside each; false = one per row
+    truncation: str = "cut"  # sft: a conversation longer than seq_len is cut to it, or dropped ("drop")
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
+    task: str = "pretrain"  # pretrain (next-token loss on packed text) | sft (chat rows, train/sft_data.py)
     # model
     model: str = "qwen2-0.5b"  # preset name, config.json path, or checkpoint directory to continue from
     model_overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # Qwen2Config fields (fresh init)
@@ -250,6 +256,12 @@ def validate(config: TrainConfig) -> None:
 
     for key in ("dtype", "param_dtype"):
         need(getattr(config, key) in DTYPES, key, f"must be one of {', '.join(DTYPES)}, got {getattr(config, key)!r}")
+    need(config.task in TASKS, "task", f"must be one of {', '.join(TASKS)}, got {config.task!r}")
+    need(
+        config.data.truncation in TRUNCATION_MODES,
+        "data.truncation",
+        f"must be one of {', '.join(TRUNCATION_MODES)}, got {config.data.truncation!r}",
+    )
     need(config.remat in REMAT_POLICIES, "remat", f"must be one of {', '.join(REMAT_POLICIES)}, got {config.remat!r}")
     need(
         config.optimizer.schedule in SCHEDULES,

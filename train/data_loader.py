@@ -133,6 +133,7 @@ class TrainBatches:
         split: str = "train",
         read_threads: int = 2,
         prefetch_batches: int = 4,
+        source=None,
     ):
         self.process_index, self.process_count, self.local_batch_size = _process_layout(
             global_batch_size, process_index, process_count
@@ -141,7 +142,9 @@ class TrainBatches:
             raise ValueError(f"seed must be an integer, got {seed!r}")
         self.global_batch_size = global_batch_size
         self.seed = seed
-        self.source = PackedTokenSource(data_dir, split)
+        # any random-access source with len, sha256 and data_dir: a row is an int32 [seq_len] array, or
+        # a dict of them (SFT rows: input_ids, labels, segment_ids; train/sft_data.py)
+        self.source = PackedTokenSource(data_dir, split) if source is None else source
         if len(self.source) == 0:
             raise ValueError(f"the {split} split of {self.source.data_dir} is empty")
         self._read_options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch_batches)
@@ -170,7 +173,9 @@ class TrainBatches:
     def _local_batches(self, start: int):
         rows = self._stream[start:]
         local = rows.batch(self.local_batch_size)[self.process_index :: self.process_count]
-        return local.map(lambda batch: {"input_ids": batch}).to_iter_dataset(self._read_options)
+        return local.map(lambda batch: batch if isinstance(batch, dict) else {"input_ids": batch}).to_iter_dataset(
+            self._read_options
+        )
 
     def __iter__(self) -> TrainBatches:
         return self

@@ -34,6 +34,8 @@ from train.config import TrainConfig
 from train.metrics import MetricsLogger, peak_flops_per_device, perplexity
 from train.objective import Objective
 from train.optimizer import make_optimizer
+from train.sft_data import BATCH_FIELDS as SFT_BATCH_FIELDS
+from train.sft_data import ChatCorpus
 from train.train_step import (
     TrainState,
     abstract_state,
@@ -69,9 +71,16 @@ class Run:
     def mesh(self):
         return self.setup.mesh
 
+    @property
+    def batch_fields(self) -> tuple[str, ...]:
+        """The [batch, seq_len] int32 arrays of a training batch: SFT rows carry their loss labels and
+        the segment ids of their packed conversations."""
+        return SFT_BATCH_FIELDS if self.config.task == "sft" else ("input_ids",)
+
     def abstract_batch(self, rows: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
         rows = self.config.batch_size if rows is None else rows
-        return {"input_ids": jax.ShapeDtypeStruct((rows, self.config.seq_len), jnp.int32, sharding=self.batch_sharding)}
+        shape = (rows, self.config.seq_len)
+        return {f: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self.batch_sharding) for f in self.batch_fields}
 
     def abstract_state(self) -> TrainState:
         return jax.tree.map(
@@ -160,7 +169,11 @@ def train(config: TrainConfig, data: DataProvider | None = None, log=print) -> d
     if data is None:
         # process 0 prepares the corpus first; the others then find it (shared filesystem) or make the same
         progress = config.progress and jax.process_index() == 0
-        data = distributed.process_0_first("corpus", lambda: Corpus(config.data, config.seq_len, progress=progress))
+        if config.task == "sft":
+            vocab_size = run.setup.config.vocab_size
+            data = distributed.process_0_first("corpus", lambda: ChatCorpus(config, run.source.checkpoint, vocab_size))
+        else:
+            data = distributed.process_0_first("corpus", lambda: Corpus(config.data, config.seq_len, progress=progress))
     distributed.check_shared_directory(config.output_dir)
     store = CheckpointStore(config.output_dir, keep=config.keep_checkpoints, async_saves=config.async_checkpoints)
     try:
@@ -181,7 +194,12 @@ def _train(run: Run, data: DataProvider, store: CheckpointStore, start_time: flo
     )
     store.check_same_model(setup.config)
     if process_index == 0:
-        setup.write_checkpoint_files(store.directory, source=f"qwen2-train {config.model}")
+        # the starting checkpoint's tokenizer and generation assets go along (an SFT run's: its chat data's)
+        assets_from = run.source.checkpoint if not isinstance(data, ChatCorpus) else None
+        setup.write_checkpoint_files(store.directory, source=f"qwen2-train {config.model}", assets_from=assets_from)
+        if isinstance(data, ChatCorpus):
+            data.write_assets(store.directory)
+            log(data.summary(config.seq_len, config.data.packing, config.data.truncation))
 
     resume_step = store.latest_step()
     latest = distributed.agree("latest-checkpoint", str(resume_step))

@@ -18,7 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from qwen2_jax.checkpoint import is_hf_dir, load_checkpoint
 from qwen2_jax.config import ConfigError, Qwen2Config, preset
 from qwen2_jax.dtypes import PARAM_DTYPES
-from qwen2_jax.model import Qwen2ForCausalLM, positions_from_mask, vocab_logits
+from qwen2_jax.model import Qwen2ForCausalLM, positions_from_mask, positions_from_segments, vocab_logits
 from qwen2_jax.moe import load_balancing_loss, router_z_loss
 from qwen2_jax.options import RunOptions
 from qwen2_jax.orbax_checkpoint import is_orbax_checkpoint, params_handler, params_save_args, write_checkpoint_files
@@ -144,23 +144,31 @@ class ModelSetup:
             raise ConfigError(f"{path}: its config.json differs from the model being trained")
         return params
 
-    def write_checkpoint_files(self, directory: str, source: str) -> None:
-        """config.json and the metadata file that make a training checkpoint loadable by load_checkpoint."""
-        write_checkpoint_files(directory, self.config, self.param_dtype.name, source)
+    def write_checkpoint_files(self, directory: str, source: str, assets_from: str | None = None) -> None:
+        """config.json and the metadata file that make a training checkpoint loadable by load_checkpoint,
+        and the tokenizer / generation assets of `assets_from` (a checkpoint directory) when given."""
+        write_checkpoint_files(directory, self.config, self.param_dtype.name, source, assets_from=assets_from)
 
     # ------------------------------------------------------------------------------- the forward
-    def trunk(self, params, input_ids_bt, attention_mask_bt, rng=None):
+    def trunk(self, params, input_ids_bt, attention_mask_bt, rng=None, segment_ids_bt=None):
         """(final normed hidden states [b, t, d], router logits per sparse layer): the model without its
         LM head, which the chunked loss applies itself. rng feeds the "dropout" stream (Qwen2 has no
-        dropout in training today; the stream is there so a model that gains one gets its key)."""
+        dropout in training today; the stream is there so a model that gains one gets its key).
+        segment_ids_bt: packed rows (several documents per row, 0 = padding): attention stays inside
+        each document and positions restart at its first token."""
+        if segment_ids_bt is None:
+            positions_bt = positions_from_mask(attention_mask_bt)
+        else:
+            positions_bt = positions_from_segments(segment_ids_bt)
         out = self.module.apply(
             {"params": params},
             input_ids_bt,
-            positions_from_mask(attention_mask_bt),
+            positions_bt,
             attention_mask_bt,
             output_router_logits=self.is_moe,
             return_logits=False,
             rngs={"dropout": rng} if rng is not None else None,
+            segment_ids_bt=segment_ids_bt,
         )
         return out["final_hidden"], tuple(out.get("router_logits", ()))
 

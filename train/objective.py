@@ -29,9 +29,12 @@ class Objective:
 
     def inputs(self, batch):
         """(input_ids, attention_mask, targets, valid), all [b, t], from a batch dict with input_ids and
-        optional attention_mask / labels (default labels: the inputs, padding ignored)."""
+        optional attention_mask / labels / segment_ids (default labels: the inputs, padding ignored;
+        with segment_ids, packed rows, the attention mask is segment_ids > 0)."""
         input_ids_bt = jnp.asarray(batch["input_ids"], jnp.int32)
         mask_bt = batch.get("attention_mask")
+        if mask_bt is None and "segment_ids" in batch:
+            mask_bt = (jnp.asarray(batch["segment_ids"]) > 0).astype(jnp.int32)
         mask_bt = jnp.ones_like(input_ids_bt) if mask_bt is None else jnp.asarray(mask_bt, jnp.int32)
         labels_bt = batch.get("labels")
         labels_bt = labels_from_inputs(input_ids_bt, mask_bt) if labels_bt is None else labels_bt
@@ -42,7 +45,10 @@ class Objective:
         """{"loss_sum", "tokens"} and for MoE {"aux_loss", "z_loss"} of one micro-batch."""
         setup = self.setup
         input_ids_bt, mask_bt, targets_bt, valid_bt = self.inputs(batch)
-        hidden_btd, router_logits = setup.trunk(params, input_ids_bt, mask_bt, rng=rng)
+        segment_ids_bt = batch.get("segment_ids")
+        if segment_ids_bt is not None:
+            segment_ids_bt = jnp.asarray(segment_ids_bt, jnp.int32)
+        hidden_btd, router_logits = setup.trunk(params, input_ids_bt, mask_bt, rng=rng, segment_ids_bt=segment_ids_bt)
         head = setup.lm_head(params)
 
         def logits_fn(hidden_bcd, head):
