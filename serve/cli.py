@@ -156,26 +156,9 @@ class _Loader:
         _log(f"loaded in {time.perf_counter() - start:.1f} s; compiling")
         scheduler = Scheduler(engine, max_queue=args.max_queue)
         scheduler.start(progress=lambda line: _log(f"compiling {line}"))
-        _warm_request(scheduler)
         model = dataclasses.replace(self.model, max_model_len=engine.max_model_len)
         _log(f"warm after {time.perf_counter() - start:.1f} s")
         return model, scheduler
-
-
-def _warm_request(scheduler) -> None:
-    """One small request through the scheduler before the server says ready. The engine's warm-up
-    compiles every program, but the first program it runs sees the freshly allocated cache, and jit
-    compiled that program again for the cache the later calls pass (a re-lowering, not a re-trace:
-    seen with JAX_LOG_COMPILES=1), which cost the first client ~1 s."""
-    from serve.requests import GenerationRequest, SamplingSettings
-
-    async def run() -> None:
-        room = scheduler.engine.max_model_len - 2
-        handle = scheduler.submit(GenerationRequest((0, 0), min(2, room), SamplingSettings(temperature=0.0)))
-        async for _ in handle:
-            pass
-
-    asyncio.run(run())
 
 
 def _default_name(checkpoint: str) -> str:

@@ -313,6 +313,11 @@ class Engine:
         )
         seen_sharding = sharding.sharding(("batch", None), (max_batch_size, config.vocab_size)) if sharding else None
         self.seen = jnp.zeros((max_batch_size, config.vocab_size), bool, device=seen_sharding)
+        if sharding is None:
+            # committed to the device, as every program's outputs are: an uncommitted first cache made
+            # jit compile the first program once more for the committed caches of the later calls
+            device = jax.devices()[0]
+            self.cache, self.seen = jax.device_put((self.cache, self.seen), device)
         self.trace_counts: collections.Counter = collections.Counter()
         self.kv_lengths = kv_buckets(num_slots, kv_bucket_min)
         self._decode = {}

@@ -162,7 +162,8 @@ class Scheduler:
         self.check(request)
         handle = RequestHandle(f"{next(self._ids)}", request, self, asyncio.get_running_loop())
         with self._cv:
-            if len(self._waiting) >= self.max_queue and None not in self._slots:
+            # free slots take requests at the loop's next iteration: until then they wait here too
+            if len(self._waiting) >= self.max_queue + self._slots.count(None):
                 raise QueueFull(f"the waiting queue is full ({self.max_queue} requests); retry later")
             self._waiting.append(handle)
             self._cv.notify()

@@ -20,6 +20,7 @@ from serve.requests import GenerationRequest, PromptLogprobs, SamplingSettings, 
 from serve.scheduler import Scheduler
 
 GREEDY = SamplingSettings(temperature=0.0)
+BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
 
 
 @pytest.fixture(scope="module")
@@ -32,14 +33,19 @@ def model(tmp_path_factory):
     return str(path), config, params
 
 
-@pytest.fixture(scope="module")
-def scheduler(model):
-    _, config, params = model
+def _scheduler(config, params) -> Scheduler:
     # 4 slots, chunks of at most 32 tokens: the longer prompts below are prefilled in several chunks;
     # decode steps attend to 32, 64, 128 or all 192 cache slots, as the longest row needs
     engine = Engine(config, params, max_batch_size=4, max_model_len=160, max_prefill_chunk=32, kv_bucket_min=32)
     sched = Scheduler(engine, max_queue=64)
     sched.start()
+    return sched
+
+
+@pytest.fixture(scope="module")
+def scheduler(model):
+    _, config, params = model
+    sched = _scheduler(config, params)
     yield sched
     sched.shutdown()
 
@@ -110,10 +116,11 @@ def test_seeded_sampling_alone_equals_in_a_crowd(scheduler, model):
     assert a != b
 
 
-def test_no_compilation_after_warmup(scheduler, model):
-    """50 requests of random lengths and settings (greedy, sampled, penalties, logprobs, prompt
-    logprobs, max_tokens 0) compile nothing: the programs are the warm-up's."""
-    _, config, _ = model
+def test_no_compilation_after_warmup(model):
+    """On a fresh engine, 50 requests of random lengths and settings (greedy, sampled, penalties,
+    logprobs, prompt logprobs, max_tokens 0) compile nothing: the programs are the warm-up's."""
+    _, config, params = model
+    scheduler = _scheduler(config, params)
     before = dict(scheduler.engine.trace_counts)
     # chunks 16 and 32, with and without prompt logprobs; greedy / sampling steps over 32 to 192 slots
     assert before == {"prefill": 4, "decode": 8}
@@ -143,9 +150,17 @@ def test_no_compilation_after_warmup(scheduler, model):
                 prompt_logprobs=int(rng.integers(0, 5)) if kind == 3 else None,
             )
         )
-    served = asyncio.run(_run_staggered(scheduler, requests, gap_s=0.0005))
+    compiles = []
+    listener = lambda event, duration, **_: compiles.append(event) if event == BACKEND_COMPILE else None  # noqa: E731
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        served = asyncio.run(_run_staggered(scheduler, requests, gap_s=0.0005))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+        scheduler.shutdown()
     assert [len(t) for t in served] == [r.max_tokens for r in requests]
     assert dict(scheduler.engine.trace_counts) == before
+    assert compiles == []  # not even a re-lowering of a traced program for new input placements
 
 
 def test_logprobs_equal_the_forward_pass(scheduler, model):
@@ -296,3 +311,30 @@ def test_int8_served_equals_int8_generate_alone(model):
     int8 = Generator(config, params, quantize="int8")
     for p, got in zip(prompts, served):
         assert got == int8.generate([p], GenerateOptions(12, eos_token_ids=[]))[0]
+
+
+def test_the_queue_holds_max_queue_requests_beyond_the_free_slots(model):
+    """4 free slots and max_queue 2: six requests submitted at once are taken, the seventh refused
+    (503), however many of the six the loop has admitted meanwhile."""
+    from serve.requests import QueueFull
+
+    _, config, params = model
+    sched = Scheduler(Engine(config, params, max_batch_size=4, max_model_len=64, max_prefill_chunk=16), max_queue=2)
+    sched.start()
+
+    async def run():
+        handles = [sched.submit(GenerationRequest((1, 2, 3), 40, GREEDY)) for _ in range(6)]
+        with pytest.raises(QueueFull, match="waiting queue is full"):
+            sched.submit(GenerationRequest((1, 2, 3), 40, GREEDY))
+        for h in handles:
+            h.cancel()
+        reasons = []
+        for h in handles:
+            events = [ev async for ev in h]
+            reasons.append(events[-1].finish_reason)
+        return reasons
+
+    try:
+        assert set(asyncio.run(run())) <= {"abort", "length"}
+    finally:
+        sched.shutdown()
