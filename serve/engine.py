@@ -31,6 +31,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import time
 from typing import Any
 
 import flax.struct
@@ -93,6 +94,12 @@ def kv_buckets(num_slots: int, minimum: int = 256) -> tuple[int, ...]:
         n *= 2
     sizes.append(num_slots)
     return tuple(sizes)
+
+
+def moving_average(average: float | None, seconds: float) -> float:
+    """A program's wall time, smoothed over its recent runs (the scheduler sizes prefill chunks by
+    them while requests decode)."""
+    return seconds if average is None else 0.8 * average + 0.2 * seconds
 
 
 def key_data(seed: int) -> np.ndarray:
@@ -319,6 +326,8 @@ class Engine:
             device = jax.devices()[0]
             self.cache, self.seen = jax.device_put((self.cache, self.seen), device)
         self.trace_counts: collections.Counter = collections.Counter()
+        self.prefill_seconds: dict[tuple[bool, int], float] = {}  # (logprobs, chunk) -> moving average
+        self.decode_seconds: float | None = None
         self.kv_lengths = kv_buckets(num_slots, kv_bucket_min)
         self._decode = {}
         self._prefill = {}
@@ -338,10 +347,14 @@ class Engine:
         return fn(*args)
 
     # ------------------------------------------------------------------------------- programs
-    def chunk_size_for(self, remaining: int, logprobs: bool) -> int:
+    def chunk_size_for(self, remaining: int, logprobs: bool, budget_s: float | None = None) -> int:
         """The bucket a prefill of `remaining` more prompt tokens uses next (it takes min(remaining,
-        that bucket) tokens)."""
+        that bucket) tokens): the smallest that holds them all, or, with budget_s, no larger than the
+        largest whose measured prefill time fits in budget_s (at least the smallest bucket)."""
         sizes = self.logprob_chunk_sizes if logprobs else self.chunk_sizes
+        if budget_s is not None:
+            timed = self.prefill_seconds
+            sizes = [c for i, c in enumerate(sizes) if i == 0 or timed.get((logprobs, c), 0.0) <= budget_s]
         return next((c for c in sizes if c >= remaining), sizes[-1])
 
     def prefill(self, row: int, ids, start: int, targets=None):
@@ -361,12 +374,15 @@ class Engine:
         targets_c = np.zeros(c, np.int32)
         if logprobs:
             targets_c[:n] = targets
+        began = time.perf_counter()
         self.cache, self.seen, result = self._prefill[logprobs](
             self.params, self.cache, self.seen, np.int32(row), ids_c, np.int32(n), np.int32(start), targets_c
         )
-        if result is None:
-            return None
-        return tuple(np.asarray(x)[:n] for x in jax.device_get(result))
+        result = None if result is None else tuple(np.asarray(x)[:n] for x in jax.device_get(result))
+        jax.block_until_ready(self.seen)
+        key = (logprobs, c)
+        self.prefill_seconds[key] = moving_average(self.prefill_seconds.get(key), time.perf_counter() - began)
+        return result
 
     def kv_length_for(self, rows: DecodeRows) -> int:
         """The cache prefix a decode step of these rows attends to: it holds every active row's
@@ -378,8 +394,11 @@ class Engine:
         """One decode step over every slot; numpy results ("tokens" [b], "logprob" [b], "top_ids"
         and "top_logprobs" [b, 20])."""
         program = self._decode[greedy_only, self.kv_length_for(rows)]
+        began = time.perf_counter()
         self.cache, self.seen, result = program(self.params, self.cache, self.seen, rows)
-        return {k: np.asarray(v) for k, v in jax.device_get(result).items()}
+        result = {k: np.asarray(v) for k, v in jax.device_get(result).items()}
+        self.decode_seconds = moving_average(self.decode_seconds, time.perf_counter() - began)
+        return result
 
     def empty_rows(self) -> DecodeRows:
         """Host arrays for a decode step with no active slot (the scheduler fills them in)."""
@@ -408,7 +427,9 @@ class Engine:
             if progress:
                 progress(f"prefill chunk {c}{' with logprobs' if logprobs else ''}")
             ids = [0] * c
-            self.prefill(0, ids, 0, targets=ids if logprobs else None)
+            for _ in range(2):  # the first run compiles; the second one's time is the chunk's cost
+                self.prefill_seconds.pop((logprobs, c), None)
+                self.prefill(0, ids, 0, targets=ids if logprobs else None)
         rows = self.empty_rows()
         for greedy_only in (True, False):
             for kv_len in self.kv_lengths:
@@ -417,3 +438,6 @@ class Engine:
                 rows.length[0] = kv_len - 1  # picks this program; the row is reset when a request takes it
                 rows.active[0] = True
                 self.decode(rows, greedy_only)
+        rows.length[0] = 0
+        self.decode_seconds = None
+        self.decode(rows, True)  # the smallest prefix's step, compiled: a first measure of a step

@@ -6,7 +6,8 @@ returned `RequestHandle`, which receives the loop thread's events through
 `loop.call_soon_threadsafe`. Each loop iteration:
 1. frees the slots of cancelled requests (so a disconnect frees its slot within one decode step),
 2. admits waiting requests, oldest first, into free slots,
-3. prefills one chunk (at most `max_prefill_chunk` tokens) of the oldest request still prefilling,
+3. prefills one chunk (at most `max_prefill_chunk` tokens, and while others decode no longer than
+   `prefill_stall` decode steps) of the oldest request still prefilling,
 4. runs one decode step over every slot when any is decoding, and delivers the new tokens.
 A long prompt is so prefilled a chunk at a time between decode steps: the streams already running
 keep their pace.
@@ -102,13 +103,17 @@ class _Slot:
 
 class Scheduler:
     """Runs `engine` on a thread of its own. max_queue bounds the requests waiting for a slot
-    (submit raises QueueFull beyond it)."""
+    (submit raises QueueFull beyond it). prefill_stall: while requests decode, a prefill chunk is
+    the largest whose measured time is at most this many decode steps (so a long prompt arriving
+    makes the running streams' next token come at most 1 + prefill_stall steps late); with nothing
+    decoding, chunks are as large as the engine's max_prefill_chunk."""
 
-    def __init__(self, engine: Engine, max_queue: int = 64):
+    def __init__(self, engine: Engine, max_queue: int = 64, prefill_stall: float = 1.0):
         if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
             raise ValueError(f"max_queue must be an integer >= 0, got {max_queue!r}")
         self.engine = engine
         self.max_queue = max_queue
+        self.prefill_stall = prefill_stall
         self._rows = engine.empty_rows()
         self._slots: list[_Slot | None] = [None] * engine.max_batch_size
         self._waiting: collections.deque[RequestHandle] = collections.deque()
@@ -282,7 +287,10 @@ class Scheduler:
         request = slot.handle.request
         want = request.prompt_logprobs is not None
         remaining = len(slot.prefill_ids) - slot.cursor
-        n = min(remaining, self.engine.chunk_size_for(remaining, want))
+        budget_s = None
+        if self.engine.decode_seconds is not None and any(s is not None and not s.prefilling for s in self._slots):
+            budget_s = self.prefill_stall * self.engine.decode_seconds
+        n = min(remaining, self.engine.chunk_size_for(remaining, want, budget_s))
         ids = slot.prefill_ids[slot.cursor : slot.cursor + n]
         targets = list(request.prompt_ids[slot.cursor + 1 : slot.cursor + 1 + n]) if want else None
         result = self.engine.prefill(row, ids, slot.cursor, targets)

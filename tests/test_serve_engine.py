@@ -338,3 +338,29 @@ def test_the_queue_holds_max_queue_requests_beyond_the_free_slots(model):
         assert set(asyncio.run(run())) <= {"abort", "length"}
     finally:
         sched.shutdown()
+
+
+def test_prefill_chunks_shrink_to_the_decode_step_while_others_decode(model, monkeypatch):
+    """While a request decodes, a long prompt is prefilled in chunks whose measured time fits in one
+    decode step (here chunk 32 is made to look slow: only 16-token chunks); alone, in the largest."""
+    _, config, params = model
+    sched = Scheduler(Engine(config, params, max_batch_size=2, max_model_len=160, max_prefill_chunk=32))
+    sched.start()
+    chunks = []
+    prefill = sched.engine.prefill
+    monkeypatch.setattr(sched.engine, "prefill", lambda row, ids, *a: chunks.append(len(ids)) or prefill(row, ids, *a))
+    sched.engine.prefill_seconds[False, 32] = 1e9
+    long_prompt = tuple(range(1, 101))
+
+    async def run(requests, gap_s):
+        return await _run_staggered(sched, requests, gap_s)
+
+    try:
+        asyncio.run(run([GenerationRequest(long_prompt, 1, GREEDY)], 0))
+        assert chunks == [32, 32, 32, 3]  # alone: the largest chunks (99 prompt tokens before the last)
+        chunks.clear()
+        running = GenerationRequest((1, 2), 120, GREEDY)
+        asyncio.run(run([running, GenerationRequest(long_prompt, 1, GREEDY)], 0.05))
+        assert chunks[0] == 1 and chunks[1:] == [16] * 6 + [3]
+    finally:
+        sched.shutdown()
