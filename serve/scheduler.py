@@ -290,7 +290,7 @@ class Scheduler:
         budget_s = None
         if self.engine.decode_seconds is not None and any(s is not None and not s.prefilling for s in self._slots):
             budget_s = self.prefill_stall * self.engine.decode_seconds
-        n = min(remaining, self.engine.chunk_size_for(remaining, want, budget_s))
+        n = min(remaining, self.engine.chunk_size_for(remaining, want, slot.cursor == 0, budget_s))
         ids = slot.prefill_ids[slot.cursor : slot.cursor + n]
         targets = list(request.prompt_ids[slot.cursor + 1 : slot.cursor + 1 + n]) if want else None
         result = self.engine.prefill(row, ids, slot.cursor, targets)

@@ -122,8 +122,9 @@ def test_no_compilation_after_warmup(model):
     _, config, params = model
     scheduler = _scheduler(config, params)
     before = dict(scheduler.engine.trace_counts)
-    # chunks 16 and 32, with and without prompt logprobs; greedy / sampling steps over 32 to 192 slots
-    assert before == {"prefill": 4, "decode": 8}
+    # chunks 16 and 32, first or later, with and without prompt logprobs; greedy / sampling steps over
+    # 32 to 192 slots
+    assert before == {"prefill": 8, "decode": 8}
     rng = np.random.default_rng(2)
     requests = []
     for p in _prompts(rng, 50, config.vocab_size, high=120):
@@ -349,7 +350,7 @@ def test_prefill_chunks_shrink_to_the_decode_step_while_others_decode(model, mon
     chunks = []
     prefill = sched.engine.prefill
     monkeypatch.setattr(sched.engine, "prefill", lambda row, ids, *a: chunks.append(len(ids)) or prefill(row, ids, *a))
-    sched.engine.prefill_seconds[False, 32] = 1e9
+    sched.engine.prefill_seconds[False, True, 32] = sched.engine.prefill_seconds[False, False, 32] = 1e9
     long_prompt = tuple(range(1, 101))
 
     async def run(requests, gap_s):
@@ -360,7 +361,7 @@ def test_prefill_chunks_shrink_to_the_decode_step_while_others_decode(model, mon
         assert chunks == [32, 32, 32, 3]  # alone: the largest chunks (99 prompt tokens before the last)
         chunks.clear()
         running = GenerationRequest((1, 2), 120, GREEDY)
-        asyncio.run(run([running, GenerationRequest(long_prompt, 1, GREEDY)], 0.05))
+        asyncio.run(run([running, GenerationRequest(long_prompt, 1, GREEDY)], 0))  # running: prefilled first
         assert chunks[0] == 1 and chunks[1:] == [16] * 6 + [3]
     finally:
         sched.shutdown()
