@@ -12,11 +12,17 @@ prompt each time), --new-tokens new tokens (ignore_eos: no early stop), greedy, 
 1. Baselines, before the server starts (nothing else running): our `Generator.generate` and HF's
    `model.generate` (torch threads = --threads), one request at a time, after one untimed warm-up.
 2. `qwen2-serve` as a subprocess (`--max-batch-size`, `--max-prefill-chunk`); for each concurrency c,
-   c clients each send --requests-per-client requests back to back (closed loop). TTFT: from sending
-   a request to its first token; inter-token latency: between consecutive tokens of one request (each
-   token arrives in a chunk of its own: `return_token_ids`). Output tokens/s over the wall time of the run.
+   c clients each send --requests-per-client requests back to back (closed loop), client i starting
+   i/c of one sequential request's time after the first (users do not arrive in the same
+   millisecond). Throughput is taken over the window in which every client is busy (the steady
+   state), TTFT over the requests sent in it. TTFT: from sending a request to its first token;
+   inter-token latency: between consecutive tokens of one request (each token arrives in a chunk of
+   its own: `return_token_ids`).
 3. The long-prompt case: 8 clients decoding, and a --long-prompt-token prompt arriving mid-run; the
    8 clients' inter-token latency p99 / p50 (chunked prefill keeps their streams going).
+
+4. Our sequential `generate` again, after the server has stopped: the ratios are over the mean of the
+   two sequential runs (a shared machine's speed drifts within a run).
 
 Printed: request throughput, output tokens/s, TTFT and inter-token p50 / p99 per concurrency, and the
 ratios the serving goals are stated in. The machine may be shared: run it on an idle one.
@@ -48,7 +54,7 @@ def parse(argv=None):
     p.add_argument("--checkpoint", default=None, help="serve this checkpoint instead of a random one")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     p.add_argument("--concurrency", default="1,8,32")
-    p.add_argument("--requests-per-client", type=int, default=2)
+    p.add_argument("--requests-per-client", type=int, default=3)
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--long-prompt", type=int, default=2048, help="the long-prompt case's prompt (0: skip the case)")
@@ -218,22 +224,30 @@ async def stream_one(client, prompt: list[int], max_tokens: int, on_token=None) 
     return {"sent": sent, "arrivals": arrivals}
 
 
-async def closed_loop(base_url: str, concurrency: int, per_client: int, rng, args, vocab: int) -> dict:
+async def closed_loop(
+    base_url: str, concurrency: int, per_client: int, rng, args, vocab: int, ramp_s: float = 0.0
+) -> dict:
+    """Client i starts after i * ramp_s / concurrency (independent users do not all arrive in the
+    same millisecond: a simultaneous start measures one burst of prefills), then sends its requests
+    back to back. Throughput and latencies are taken over the window in which every client is busy."""
     import httpx
 
     limits = httpx.Limits(max_connections=concurrency + 2)
     async with httpx.AsyncClient(base_url=base_url, timeout=None, limits=limits) as client:
 
-        async def one_client():
+        async def one_client(i):
+            await asyncio.sleep(i * ramp_s / concurrency)
             return [
                 await stream_one(client, prompts(rng, 1, args.prompt_len, vocab)[0], args.new_tokens)
                 for _ in range(per_client)
             ]
 
         start = time.perf_counter()
-        results = await asyncio.gather(*(one_client() for _ in range(concurrency)))
+        results = await asyncio.gather(*(one_client(i) for i in range(concurrency)))
         wall = time.perf_counter() - start
-    return summarize(f"qwen2-serve, {concurrency} clients", [r for rs in results for r in rs], wall)
+    window = (max(rs[0]["sent"] for rs in results), min(rs[-1]["arrivals"][-1] for rs in results))
+    flat = [r for rs in results for r in rs]
+    return summarize(f"qwen2-serve, {concurrency} clients", flat, wall, window)
 
 
 async def long_prompt_case(base_url: str, rng, args, vocab: int) -> dict:
@@ -261,15 +275,23 @@ def _bump(counts: list[int], i: int) -> None:
     counts[i] += 1
 
 
-def summarize(label: str, results: list[dict], wall: float) -> dict:
+def summarize(label: str, results: list[dict], wall: float, window=None) -> dict:
+    """Throughput over `window` (start, end) when given and long enough (every client busy: the
+    steady state), else over the whole run; TTFT of the requests sent in the window (all, else)."""
+    tokens, requests = sum(len(r["arrivals"]) for r in results), len(results)
+    if window is not None and window[1] - window[0] > 1.0:
+        t0, t1 = window
+        wall = t1 - t0
+        tokens = sum(int(np.sum((np.array(r["arrivals"]) >= t0) & (np.array(r["arrivals"]) < t1))) for r in results)
+        requests = sum(t0 <= r["arrivals"][-1] < t1 for r in results)
+        results = [r for r in results if t0 <= r["sent"] < t1] or results
     ttft = np.array([r["arrivals"][0] - r["sent"] for r in results])
     itl = np.concatenate([np.diff(r["arrivals"]) for r in results if len(r["arrivals"]) > 1])
-    tokens = sum(len(r["arrivals"]) for r in results)
     return {
         "label": label,
         "requests": len(results),
         "wall_s": wall,
-        "requests_per_s": len(results) / wall,
+        "requests_per_s": requests / wall,
         "output_tok_s": tokens / wall,
         "ttft_p50_s": float(np.percentile(ttft, 50)),
         "ttft_p99_s": float(np.percentile(ttft, 99)),
@@ -348,8 +370,10 @@ def main(argv=None) -> int:
     base_url = f"http://127.0.0.1:{port}"
     try:
         server.wait_ready(1800)
+        ramp_s = rows[0]["request_s"]  # one request's time: arrivals spread over it
         for c in concurrency:
-            rows.append(asyncio.run(closed_loop(base_url, c, args.requests_per_client, rng, args, config.vocab_size)))
+            loop = closed_loop(base_url, c, args.requests_per_client, rng, args, config.vocab_size, ramp_s)
+            rows.append(asyncio.run(loop))
             show(rows[-1])
         if args.long_prompt:
             rows.append(asyncio.run(long_prompt_case(base_url, rng, args, config.vocab_size)))
@@ -357,8 +381,13 @@ def main(argv=None) -> int:
     finally:
         print(f"server exit status {server.stop()}", flush=True)
 
+    # the machine may be shared: our sequential baseline again now, and the ratios over the mean of both
+    after = baseline_ours(checkpoint, args.dtype, args, rng)
+    after["label"] += " (again, after the server)"
+    rows.append(after)
+    show(after)
     by_label = {r["label"]: r for r in rows}
-    sequential = rows[0]["output_tok_s"]
+    sequential = (rows[0]["output_tok_s"] + after["output_tok_s"]) / 2
     print("\nratios:")
     for c in concurrency:
         row = by_label[f"qwen2-serve, {c} clients"]

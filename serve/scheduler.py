@@ -108,7 +108,7 @@ class Scheduler:
     makes the running streams' next token come at most 1 + prefill_stall steps late); with nothing
     decoding, chunks are as large as the engine's max_prefill_chunk."""
 
-    def __init__(self, engine: Engine, max_queue: int = 64, prefill_stall: float = 1.0):
+    def __init__(self, engine: Engine, max_queue: int = 64, prefill_stall: float = 1.5):
         if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
             raise ValueError(f"max_queue must be an integer >= 0, got {max_queue!r}")
         self.engine = engine

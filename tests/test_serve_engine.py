@@ -342,8 +342,8 @@ def test_the_queue_holds_max_queue_requests_beyond_the_free_slots(model):
 
 
 def test_prefill_chunks_shrink_to_the_decode_step_while_others_decode(model, monkeypatch):
-    """While a request decodes, a long prompt is prefilled in chunks whose measured time fits in one
-    decode step (here chunk 32 is made to look slow: only 16-token chunks); alone, in the largest."""
+    """While a request decodes, a long prompt is prefilled in chunks whose measured time fits in 1.5
+    decode steps (here chunk 32 is made to look slow: only 16-token chunks); alone, in the largest."""
     _, config, params = model
     sched = Scheduler(Engine(config, params, max_batch_size=2, max_model_len=160, max_prefill_chunk=32))
     sched.start()
