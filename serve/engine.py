@@ -18,7 +18,8 @@ Every program is a fixed shape: prefill per chunk bucket (powers of two from 16 
 `max_prefill_chunk`; with prompt log-probabilities up to 64), for a prompt's first chunk and for
 later ones; decode per cache prefix (powers of two from 256 slots to the whole cache: a step attends
 to the prefix that holds its longest row), per slot count (one slot, or all: a lone request in slot 0
-runs a one-row step) and in two variants (greedy-only, or sampling). `warmup()` compiles them all; `trace_counts` counts
+runs a one-row step); the sampling filters, the repetition penalty and log-probabilities run inside
+it only when a row asks for them (`lax.cond`). `warmup()` compiles them all; `trace_counts` counts
 compilations, so a server can prove that no request compiles anything.
 
 Sampling draws from the `sampling_candidates` (default 256) most likely tokens of each row: a draw
@@ -46,7 +47,7 @@ from qwen2_jax.kv_cache import KVCache, init_cache
 from qwen2_jax.layers import update_slice
 from qwen2_jax.model import Qwen2ForCausalLM
 from qwen2_jax.options import RunOptions
-from qwen2_jax.sampling import SamplingMode, SamplingValues, select_tokens
+from qwen2_jax.sampling import SamplingMode, SamplingValues, apply_repetition_penalty, first_argmax, select_tokens
 from serve.requests import MAX_TOP_LOGPROBS
 
 PREFILL_BUCKET_MIN = 16
@@ -129,6 +130,7 @@ class DecodeRows:
     length: Any  # int32: tokens already in the row's cache = the fed token's position and cache index
     active: Any  # bool: rows holding a request that decodes now
     greedy: Any  # bool
+    logprobs: Any  # bool: the row's request wants log-probabilities
     values: SamplingValues  # temperature (1 for greedy rows), top_k, top_p, min_p, repetition_penalty
     key_data: Any  # uint32 [b, 2]
     step: Any  # int32: tokens the row's request has produced so far
@@ -179,11 +181,15 @@ def put_cache_block(cache: KVCache, block: KVCache) -> KVCache:
     )
 
 
-def decode_step(spec: EngineSpec, greedy_only: bool, kv_len: int, params, cache: KVCache, seen_bv, rows: DecodeRows):
+def decode_step(spec: EngineSpec, kv_len: int, params, cache: KVCache, seen_bv, rows: DecodeRows):
     """One token for each of the first b slots (b = the rows' length), attending to (and writing in)
     the first kv_len cache slots only: (cache, seen, {"tokens" [b], "logprob" [b], "top_ids" [b, K],
     "top_logprobs" [b, K]}). Every active row is among them with its write index below kv_len; a
-    free row's write past it is dropped."""
+    free row's write past it is dropped.
+
+    The repetition penalty, the sampling filters and draw, and the log-probabilities run under
+    `lax.cond`s on whether any active row needs them: one program serves every mix of requests, and
+    a batch of greedy requests without penalty or log-probabilities pays for none of them."""
     b, vocab = rows.feed.shape[0], spec.config.vocab_size
     mask_b1 = rows.active.astype(jnp.int32)[:, None]  # inactive rows write keys marked invalid (pos -1)
     out = _model(spec).apply(
@@ -195,27 +201,32 @@ def decode_step(spec: EngineSpec, greedy_only: bool, kv_len: int, params, cache:
         write_index=rows.length,
     )
     cache = put_cache_block(cache, out["cache"])
-    logits_bv = out["logits"][:, 0]
+    logits_bv = out["logits"][:, 0].astype(jnp.float32)
     # the fed token joins the tokens the repetition penalty sees (the prompt's were set by prefill)
     seen_block_bv = seen_bv[:b].at[jnp.arange(b), jnp.where(rows.active, rows.feed, vocab)].set(True, mode="drop")
     seen_bv = _put_front(seen_bv, seen_block_bv)
-    if greedy_only:
-        mode = SamplingMode(greedy=True, use_repetition_penalty=True)
-        keys = None
-    else:
-        mode = SamplingMode(
-            greedy=False,
-            top_k_cap=min(spec.candidates, vocab),
-            use_top_p=True,
-            use_min_p=True,
-            use_repetition_penalty=True,
-        )
-        keys = jax.vmap(lambda kd, t: jax.random.fold_in(jax.random.wrap_key_data(kd), t))(rows.key_data, rows.step)
-    tokens_b = select_tokens(
-        logits_bv, mode, rows.values, keys, seen_block_bv, greedy_b=None if greedy_only else rows.greedy
+    penalty_b = rows.values.repetition_penalty
+    penalized_bv = jax.lax.cond(
+        jnp.any(rows.active & (penalty_b != 1.0)),
+        lambda x: apply_repetition_penalty(x, seen_block_bv, penalty_b[:, None]),
+        lambda x: x,
+        logits_bv,
     )
-    # log-probabilities always: 1.5 ms of a ~50 ms step at batch 8, against twice the programs
-    lp, ids, top = _top_logprobs(jax.nn.log_softmax(logits_bv, axis=-1), tokens_b)
+    sampling = SamplingMode(greedy=False, top_k_cap=min(spec.candidates, vocab), use_top_p=True, use_min_p=True)
+    keys = jax.vmap(lambda kd, t: jax.random.fold_in(jax.random.wrap_key_data(kd), t))(rows.key_data, rows.step)
+    tokens_b = jax.lax.cond(
+        jnp.any(rows.active & ~rows.greedy),
+        lambda x: select_tokens(x, sampling, rows.values, keys, greedy_b=rows.greedy),
+        first_argmax,
+        penalized_bv,
+    ).astype(jnp.int32)
+    k = MAX_TOP_LOGPROBS
+    lp, ids, top = jax.lax.cond(
+        jnp.any(rows.active & rows.logprobs),
+        lambda x: _top_logprobs(jax.nn.log_softmax(x, axis=-1), tokens_b),
+        lambda x: (jnp.zeros((b,), jnp.float32), jnp.zeros((b, k), jnp.int32), jnp.zeros((b, k), jnp.float32)),
+        logits_bv,
+    )
     return cache, seen_bv, {"tokens": tokens_b, "logprob": lp, "top_ids": ids, "top_logprobs": top}
 
 
@@ -361,12 +372,10 @@ class Engine:
         self.batch_sizes = (1, max_batch_size) if max_batch_size > 1 else (1,)
         self._decode = {}
         self._prefill = {}
-        for greedy_only in (True, False):
-            for kv_len in self.kv_lengths:
-                self._decode[greedy_only, kv_len] = jax.jit(
-                    functools.partial(self._traced, "decode", decode_step, self.spec, greedy_only, kv_len),
-                    donate_argnums=(1, 2),
-                )
+        for kv_len in self.kv_lengths:
+            self._decode[kv_len] = jax.jit(
+                functools.partial(self._traced, "decode", decode_step, self.spec, kv_len), donate_argnums=(1, 2)
+            )
         for logprobs in (False, True):
             for first in (True, False):
                 self._prefill[logprobs, first] = jax.jit(
@@ -430,11 +439,11 @@ class Engine:
         last = int(np.flatnonzero(rows.active)[-1]) + 1 if rows.active.any() else 1
         return next(b for b in self.batch_sizes if b >= last)
 
-    def decode(self, rows: DecodeRows, greedy_only: bool) -> dict[str, np.ndarray]:
+    def decode(self, rows: DecodeRows) -> dict[str, np.ndarray]:
         """One decode step over the leading slots that hold every active row (`rows_for`); numpy
         results for those slots ("tokens" [b], "logprob" [b], "top_ids" and "top_logprobs" [b, 20])."""
         b = self.rows_for(rows)
-        program = self._decode[greedy_only, self.kv_length_for(rows)]
+        program = self._decode[self.kv_length_for(rows)]
         began = time.perf_counter()
         rows = jax.tree.map(lambda x: x[:b], rows) if b < self.max_batch_size else rows
         self.cache, self.seen, result = program(self.params, self.cache, self.seen, rows)
@@ -450,6 +459,7 @@ class Engine:
             length=np.zeros(b, np.int32),
             active=np.zeros(b, bool),
             greedy=np.ones(b, bool),
+            logprobs=np.zeros(b, bool),
             values=SamplingValues(
                 temperature=np.ones(b, np.float32),
                 top_k=np.zeros(b, np.int32),
@@ -475,18 +485,16 @@ class Engine:
                     self.prefill(0, ids, start, targets=ids if logprobs else None)
         rows = self.empty_rows()
         for b in self.batch_sizes:
-            for greedy_only in (True, False):
-                for kv_len in self.kv_lengths:
-                    if progress:
-                        kind = "greedy" if greedy_only else "sampling"
-                        progress(f"decode step ({kind}, {b} slot{'s' * (b > 1)}, {kv_len} cache positions)")
-                    # row b-1 active at kv_len - 1 picks this program; a request taking the row resets it
-                    rows.active[:] = False
-                    rows.active[b - 1] = True
-                    rows.length[b - 1] = kv_len - 1
-                    self.decode(rows, greedy_only)
+            for kv_len in self.kv_lengths:
+                if progress:
+                    progress(f"decode step ({b} slot{'s' * (b > 1)}, {kv_len} cache positions)")
+                # row b-1 active at kv_len - 1 picks this program; a request taking the row resets it
+                rows.active[:] = False
+                rows.active[b - 1] = True
+                rows.length[b - 1] = kv_len - 1
+                self.decode(rows)
         rows.active[:] = False
         rows.active[-1] = True
         rows.length[:] = 0
         self.decode_seconds = None
-        self.decode(rows, True)  # every slot, the smallest prefix: a first measure of a step
+        self.decode(rows)  # every slot, the smallest prefix: a first measure of a step

@@ -267,6 +267,7 @@ class Scheduler:
         s, rows = request.sampling, self._rows
         seed = s.seed if s.seed is not None else int.from_bytes(os.urandom(8), "little")
         rows.greedy[row] = s.greedy
+        rows.logprobs[row] = request.logprobs is not None
         rows.values.temperature[row] = s.temperature if not s.greedy else 1.0
         rows.values.top_k[row] = s.top_k
         rows.values.top_p[row] = s.top_p
@@ -312,8 +313,7 @@ class Scheduler:
     def _decode(self) -> None:
         rows = self._rows
         live = [(row, s) for row, s in enumerate(self._slots) if s is not None and not s.prefilling]
-        greedy_only = all(rows.greedy[row] for row, _ in live)
-        out = self.engine.decode(rows, greedy_only)
+        out = self.engine.decode(rows)
         self.steps += 1
         for row, slot in live:
             request = slot.handle.request
