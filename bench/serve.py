@@ -399,7 +399,7 @@ def main(argv=None) -> int:
         lone, eight = by_label["qwen2-serve, 1 clients"], by_label["qwen2-serve, 8 clients"]
         print(f"  TTFT p50 at 8 clients over a lone request's: {eight['ttft_p50_s'] / lone['ttft_p50_s']:.2f}")
     if args.long_prompt:
-        row = rows[-1]
+        row = by_label[f"qwen2-serve, 8 clients + a {args.long_prompt}-token prompt mid-run"]
         print(
             f"  inter-token p99 / p50 at 8 clients with a {args.long_prompt}-token prompt mid-run: "
             f"{row['itl_p99_s'] / row['itl_p50_s']:.2f} (that prompt's TTFT {row['long_prompt_ttft_s']:.2f} s)"

@@ -41,6 +41,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qwen2_jax import cpu_kernels
+from qwen2_jax.backend import backend
 from qwen2_jax.config import Qwen2Config
 from qwen2_jax.generate import Generator
 from qwen2_jax.kv_cache import KVCache, init_cache
@@ -369,7 +371,17 @@ class Engine:
         self.prefill_seconds: dict[tuple[bool, bool, int], float] = {}
         self.decode_seconds: float | None = None
         self.kv_lengths = kv_buckets(num_slots, kv_bucket_min)
-        self.batch_sizes = (1, max_batch_size) if max_batch_size > 1 else (1,)
+        self.batch_sizes = (max_batch_size,)
+        if (
+            max_batch_size <= cpu_kernels.MAX_ROWS
+            and sharding is None
+            and backend() == "cpu"
+            and cpu_kernels.available()
+        ):
+            # Steps of fewer slots only where a row's numbers provably do not depend on the slot count:
+            # the CPU decode kernels compute each row alike for 1 to 8 rows. XLA's dots may change
+            # algorithm with the row count (on a mesh, a one-row step changed a float32 greedy token).
+            self.batch_sizes = tuple(sorted({1 << i for i in range(max_batch_size.bit_length())} | {max_batch_size}))
         self._decode = {}
         self._prefill = {}
         for kv_len in self.kv_lengths:
@@ -434,8 +446,9 @@ class Engine:
 
     def rows_for(self, rows: DecodeRows) -> int:
         """How many leading slots a decode step of these rows runs: the fewest of `batch_sizes` that
-        hold every active row (a lone request in slot 0 runs a one-row step: the 8-row step cost a
-        Qwen2-0.5B request 51 ms a token against ~20 ms at one row)."""
+        hold every active row. On one CPU device with up to 8 slots these are the powers of two, so
+        a lone request in slot 0 runs a one-row step (the 8-row step cost a Qwen2-0.5B request 51 ms a
+        token against ~20 ms at one row); elsewhere every step runs every slot."""
         last = int(np.flatnonzero(rows.active)[-1]) + 1 if rows.active.any() else 1
         return next(b for b in self.batch_sizes if b >= last)
 

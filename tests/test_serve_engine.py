@@ -122,9 +122,9 @@ def test_no_compilation_after_warmup(model):
     _, config, params = model
     scheduler = _scheduler(config, params)
     before = dict(scheduler.engine.trace_counts)
-    # chunks 16 and 32, first or later, with and without prompt logprobs; steps of 1 or 4 slots over
-    # 32, 64, 128 or 192 cache positions
-    assert before == {"prefill": 8, "decode": 8}
+    # chunks 16 and 32, first or later, with and without prompt logprobs; steps of 1, 2 or 4 slots
+    # over 32, 64, 128 or 192 cache positions
+    assert before == {"prefill": 8, "decode": 12}
     rng = np.random.default_rng(2)
     requests = []
     for p in _prompts(rng, 50, config.vocab_size, high=120):
@@ -342,10 +342,13 @@ def test_the_queue_holds_max_queue_requests_beyond_the_free_slots(model):
 
 
 def test_prefill_chunks_shrink_to_the_decode_step_while_others_decode(model, monkeypatch):
-    """While a request decodes, a long prompt is prefilled in chunks whose measured time fits in 1.5
-    decode steps (here chunk 32 is made to look slow: only 16-token chunks); alone, in the largest."""
+    """While a request decodes, a prompt longer than the threshold (64) is prefilled in chunks whose
+    measured time fits in 1.5 decode steps (here chunk 32 is made to look slow: only 16-token
+    chunks); alone, in the largest; a shorter prompt in the largest while others decode too."""
     _, config, params = model
-    sched = Scheduler(Engine(config, params, max_batch_size=2, max_model_len=160, max_prefill_chunk=32))
+    sched = Scheduler(
+        Engine(config, params, max_batch_size=2, max_model_len=160, max_prefill_chunk=32), long_prefill_threshold=64
+    )
     sched.start()
     chunks = []
     prefill = sched.engine.prefill
@@ -363,5 +366,8 @@ def test_prefill_chunks_shrink_to_the_decode_step_while_others_decode(model, mon
         running = GenerationRequest((1, 2), 120, GREEDY)
         asyncio.run(run([running, GenerationRequest(long_prompt, 1, GREEDY)], 0))  # running: prefilled first
         assert chunks[0] == 1 and chunks[1:] == [16] * 6 + [3]
+        chunks.clear()
+        asyncio.run(run([running, GenerationRequest(long_prompt[:60], 1, GREEDY)], 0))
+        assert chunks == [1, 32, 27]
     finally:
         sched.shutdown()
