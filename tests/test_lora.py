@@ -357,3 +357,44 @@ def test_merge_lora_cli(base, tmp_path, capfd):
         assert rc == 2, (argv, err)
         assert message in err and err.count("\n") == 1 and "Traceback" not in err
         assert not (tmp_path / "x").exists() and not leftovers(tmp_path / "x")
+
+
+def test_load_checkpoint_with_adapter(base, tmp_path):
+    """load_checkpoint(adapter=DIR) == peft's merge_and_unload; int8 on top quantizes the merged model."""
+    model, path, config, _ = base
+    pm = _peft_model(model, SUBSET, seed=13)
+    pm.save_pretrained(tmp_path / "adapter")
+    ids, mask = _ids(config.vocab_size, seed=9)
+    ref = hf_logits(pm.merge_and_unload(), ids, mask)
+    merged_config, merged = qwen2_jax.load_checkpoint(path, adapter=tmp_path / "adapter")
+    assert _err(forward(merged_config, merged, ids, mask), ref, mask) <= TOL
+    _, quantized = qwen2_jax.load_checkpoint(path, adapter=tmp_path / "adapter", quantize="int8")
+    want = forward(config, quantize_params(config, merged), ids, mask)
+    np.testing.assert_array_equal(np.asarray(forward(config, quantized, ids, mask)), np.asarray(want))
+
+
+def test_generate_cli_adapter(base, tmp_path, capsys):
+    """qwen2-generate --adapter DIR generates what the merge-lora checkpoint generates; a bad adapter
+    is exit 2 with one line."""
+    from qwen2_jax import cli
+
+    model, path, config, _ = base
+    pm = _peft_model(model, lora.TARGET_MODULES, seed=17)
+    adapter = tmp_path / "adapter"
+    pm.save_pretrained(adapter)
+    merged_dir = tmp_path / "merged"
+    assert run_cli(capsys, "merge-lora", path, adapter, merged_dir, "--quiet")[0] == 0
+    common = ("--prompt-ids", "1,2,3,4", "--max-new-tokens", "6", "--temperature", "0", "--json")
+    outputs = []
+    for argv in (("--checkpoint", path, "--adapter", str(adapter)), ("--checkpoint", str(merged_dir))):
+        rc = cli.main([*argv, *common])
+        out, err = capsys.readouterr()
+        assert rc == 0, err
+        outputs.append(json.loads(out)["tokens"])
+    assert outputs[0] == outputs[1] and len(outputs[0]) == 6
+    plain = cli.main(["--checkpoint", path, *common])
+    assert plain == 0 and json.loads(capsys.readouterr().out)["tokens"] != outputs[0]  # the adapter matters
+    bad = _write_adapter(tmp_path, config, name="bad", target_modules=["q_proj", "embed_tokens"])
+    rc = cli.main(["--checkpoint", path, "--adapter", str(bad), *common])
+    err = capsys.readouterr().err
+    assert rc == 2 and "unknown target module 'embed_tokens'" in err and err.count("\n") == 1
