@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from qwen2_jax.config import Qwen2Config
+from qwen2_jax.sharding import ShardingContext, shardings_for
 
 # peft module name -> (sublayer, our kernel name). Canonical order: HF's order inside a layer.
 TARGETS = {
@@ -153,6 +154,12 @@ def init_adapters(config: Qwen2Config, lora_config: LoraConfig, rng, dtype=jnp.f
 def abstract_adapters(config: Qwen2Config, lora_config: LoraConfig, dtype=jnp.float32) -> dict:
     """ShapeDtypeStructs of `init_adapters`' result (nothing allocated)."""
     return jax.eval_shape(lambda k: init_adapters(config, lora_config, k, dtype), jax.random.key(0))
+
+
+def adapter_shardings(config: Qwen2Config, lora_config: LoraConfig, mesh, dtype=jnp.float32) -> dict:
+    """NamedShardings of the adapter tree on `mesh`, by the one logical rules table."""
+    abstract = abstract_adapters(config, lora_config, dtype)
+    return shardings_for(ShardingContext(mesh), adapter_logical_axes(lora_config), abstract)
 
 
 def check_adapters(config: Qwen2Config, lora_config: LoraConfig, adapters) -> None:

@@ -398,3 +398,28 @@ def test_generate_cli_adapter(base, tmp_path, capsys):
     rc = cli.main(["--checkpoint", path, "--adapter", str(bad), *common])
     err = capsys.readouterr().err
     assert rc == 2 and "unknown target module 'embed_tokens'" in err and err.count("\n") == 1
+
+
+def test_sharded_adapters_equal_one_device(base):
+    """Base params and adapters placed by the logical rules on a (fsdp=2, tensor=4) mesh: logits and
+    adapter gradients equal one device's."""
+    from qwen2_jax.sharding import make_mesh
+    from tolerances import SHARDED_REL
+
+    _, path, config, params = base
+    mesh = make_mesh(fsdp=2, tensor=4, devices=jax.devices()[:8])
+    _, sharded = qwen2_jax.load_checkpoint(path, mesh=mesh)
+    lora_config = lora.LoraConfig(rank=4, alpha=8.0)
+    adapters = _random_adapters(config, lora_config, seed=21)
+    placed = jax.device_put(adapters, lora.adapter_shardings(config, lora_config, mesh))
+    assert placed["layers"]["self_attn"]["q_kernel"]["b"].sharding.spec[2] == "tensor"  # q heads split as q_kernel's
+    ids, mask = _ids(config.vocab_size, seed=10)
+
+    def loss(ad, p):
+        return jnp.sum(forward_outputs(config, lora.apply(p, ad, lora_config), ids, mask)["logits"] ** 2) / 1e4
+
+    ref_loss, ref_grads = jax.value_and_grad(loss)(adapters, params)
+    got_loss, got_grads = jax.value_and_grad(loss)(placed, sharded)
+    assert abs(float(got_loss) - float(ref_loss)) <= SHARDED_REL * abs(float(ref_loss))
+    for g, r in zip(jax.tree.leaves(got_grads), jax.tree.leaves(ref_grads)):
+        assert rel_err(np.asarray(g), np.asarray(r)) <= GRAD_TOL
