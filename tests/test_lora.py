@@ -96,6 +96,7 @@ def test_peft_adapter_forward_matches_peft(base, tmp_path, targets, rslora):
     ours = np.asarray(forward(config, lora.apply(params, adapters, lora_config), ids, mask))
     base_logits = hf_logits(model, ids, mask)
     assert _err(ref, base_logits, mask) > 1e-2  # the adapters change the logits: a dropped adapter fails
+    print(f"\nours vs peft, {len(targets)} targets, rslora={rslora}: {_err(ours, ref, mask):.1e}")
     assert _err(ours, ref, mask) <= TOL, _err(ours, ref, mask)
 
 
@@ -113,6 +114,7 @@ def test_saved_adapter_loads_in_peft(base, tmp_path):
     ids, mask = _ids(config.vocab_size, seed=1)
     ours = np.asarray(forward(config, lora.apply(params, adapters, lora_config), ids, mask))
     assert _err(ours, hf_logits(model, ids, mask), mask) > 1e-2
+    print(f"\nour saved adapter in peft vs ours: {_err(ours, hf_logits(pm, ids, mask), mask):.1e}")
     assert _err(ours, hf_logits(pm, ids, mask), mask) <= TOL
     again_config, again = load_peft_adapter(out, config)
     assert again_config == lora_config
@@ -129,7 +131,9 @@ def test_merge_matches_merge_and_unload(base):
     merged = lora.merge(params, adapters, lora_config, config)
     assert "q_kernel_lora" not in merged["layers"]["self_attn"]  # plain params
     ids, mask = _ids(config.vocab_size, seed=2)
-    assert _err(np.asarray(forward(config, merged, ids, mask)), hf_logits(merged_ref, ids, mask), mask) <= TOL
+    err = _err(np.asarray(forward(config, merged, ids, mask)), hf_logits(merged_ref, ids, mask), mask)
+    print(f"\nlora.merge vs peft merge_and_unload: {err:.1e}")
+    assert err <= TOL
 
 
 def _adapters_from_state(config, lora_config, state):
@@ -177,6 +181,7 @@ def test_gradients_reach_adapters_only_and_match_peft(base):
             r = r[k.key]
         g, r = np.asarray(g), np.asarray(r)
         assert np.max(np.abs(g)) > 0
+        print(f"\ngradient {jax.tree_util.keystr(path)} vs peft: {rel_err(g, r):.1e}")
         assert rel_err(g, r) <= GRAD_TOL, (path, rel_err(g, r))
 
 
@@ -211,6 +216,7 @@ def test_layouts_and_dtypes(base):
     dequantized = _dequantized(config, quantized)
     got = forward(config, lora.apply(quantized, adapters, lora_config), ids, mask)
     want = forward(config, lora.apply(dequantized, adapters, lora_config), ids, mask)
+    print(f"\nint8 base + adapters vs dequantized float32 + adapters: {_err(got, want, mask):.1e}")
     assert _err(got, want, mask) <= TOL and _err(want, forward(config, dequantized, ids, mask), mask) > 1e-2
 
 
@@ -338,13 +344,17 @@ def test_merge_lora_cli(base, tmp_path, capfd):
     ref = hf_logits(pm.merge_and_unload(), ids, mask)
     orbax = tmp_path / "orbax"
     assert run_cli(capfd, "hf-to-orbax", path, orbax, "--quiet")[0] == 0
+    errors = {}
     for name, src in (("from-hf", path), ("from-orbax", orbax)):
         dst = tmp_path / name
         rc, _, err = run_cli(capfd, "merge-lora", src, adapter, dst, "--quiet")
         assert rc == 0, err
         merged_config, merged = qwen2_jax.load_checkpoint(str(dst))
         assert "tokenizer.json" in os.listdir(dst)
-        assert _err(np.asarray(forward(merged_config, merged, ids, mask)), ref, mask) <= TOL
+        errors[name] = f"{_err(np.asarray(forward(merged_config, merged, ids, mask)), ref, mask):.1e}"
+    with capfd.disabled():
+        print(f"\nmerge-lora vs peft merge_and_unload: {errors}")
+    assert max(float(e) for e in errors.values()) <= TOL
     bad = _write_adapter(tmp_path, config, name="bad", r=8)
     for argv, message in (
         (("merge-lora", path, bad, tmp_path / "x"), "rank mismatch"),
@@ -367,7 +377,9 @@ def test_load_checkpoint_with_adapter(base, tmp_path):
     ids, mask = _ids(config.vocab_size, seed=9)
     ref = hf_logits(pm.merge_and_unload(), ids, mask)
     merged_config, merged = qwen2_jax.load_checkpoint(path, adapter=tmp_path / "adapter")
-    assert _err(forward(merged_config, merged, ids, mask), ref, mask) <= TOL
+    err = _err(forward(merged_config, merged, ids, mask), ref, mask)
+    print(f"\nload_checkpoint(adapter=) vs peft merge_and_unload: {err:.1e}")
+    assert err <= TOL
     _, quantized = qwen2_jax.load_checkpoint(path, adapter=tmp_path / "adapter", quantize="int8")
     want = forward(config, quantize_params(config, merged), ids, mask)
     np.testing.assert_array_equal(np.asarray(forward(config, quantized, ids, mask)), np.asarray(want))
