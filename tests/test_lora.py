@@ -435,3 +435,36 @@ def test_sharded_adapters_equal_one_device(base):
     assert abs(float(got_loss) - float(ref_loss)) <= SHARDED_REL * abs(float(ref_loss))
     for g, r in zip(jax.tree.leaves(got_grads), jax.tree.leaves(ref_grads)):
         assert rel_err(np.asarray(g), np.asarray(r)) <= GRAD_TOL
+
+
+def test_adapter_axes_follow_their_kernels(base):
+    """The adapters' logical axes are their base kernels' input / output axes (so they shard alike)."""
+    from qwen2_jax.params import param_logical_axes
+
+    _, _, config, _ = base
+    kernel_axes = param_logical_axes(config)["layers"]
+    adapter_axes = lora.adapter_logical_axes(lora.LoraConfig())["layers"]
+    for module, (in_dims, _) in lora.kernel_dims(config).items():
+        sub, name = lora.TARGETS[module]
+        axes, n_in = kernel_axes[sub][name], 1 + len(in_dims)
+        assert adapter_axes[sub][name]["a"] == (*axes[:n_in], None)
+        assert adapter_axes[sub][name]["b"] == (axes[0], None, *axes[n_in:])
+
+
+def test_remat_and_dropout_gradients(base):
+    """Dropout keys travel through nn.scan and nn.remat: gradients with remat equal those without."""
+    _, _, config, params = base
+    lora_config = lora.LoraConfig(rank=4, alpha=8.0, dropout=0.3, target_modules=SUBSET)
+    adapters = _random_adapters(config, lora_config, seed=23)
+    ids, mask = _ids(config.vocab_size, seed=11)
+
+    def grads(options):
+        def loss(ad):
+            wrapped = lora.apply(params, ad, lora_config, jax.random.key(5))
+            return jnp.sum(forward_outputs(config, wrapped, ids, mask, options=options)["logits"] ** 2) / 1e4
+
+        return jax.grad(loss)(adapters)
+
+    plain, remat = grads(RunOptions()), grads(RunOptions(remat="full"))
+    for g, r in zip(jax.tree.leaves(remat), jax.tree.leaves(plain)):
+        assert np.max(np.abs(np.asarray(r))) > 0 and rel_err(np.asarray(g), np.asarray(r)) <= GRAD_TOL
