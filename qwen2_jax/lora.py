@@ -162,19 +162,25 @@ def adapter_shardings(config: Qwen2Config, lora_config: LoraConfig, mesh, dtype=
     return shardings_for(ShardingContext(mesh), adapter_logical_axes(lora_config), abstract)
 
 
-def check_adapters(config: Qwen2Config, lora_config: LoraConfig, adapters) -> None:
-    """One-line ValueError unless `adapters` has exactly the tree and shapes this config implies."""
-    expected = adapter_shapes(config, lora_config)
+def _check_targets(adapters, lora_config: LoraConfig) -> None:
+    """One-line ValueError unless `adapters` holds exactly lora_config's target kernels."""
     got = adapters.get(STACKED) if isinstance(adapters, dict) else None
     if not isinstance(got, dict):
         raise ValueError(f"adapters must be a dict with a {STACKED!r} subtree")
-    want_paths = {(sub, name) for sub, kernels in expected[STACKED].items() for name in kernels}
+    want_paths = {TARGETS[m] for m in lora_config.target_modules}
     got_paths = {(sub, name) for sub, kernels in got.items() if isinstance(kernels, dict) for name in kernels}
     if want_paths != got_paths:
         extra, missing = sorted(got_paths - want_paths), sorted(want_paths - got_paths)
         what = f"unexpected adapter {'/'.join(extra[0])}" if extra else f"missing adapter {'/'.join(missing[0])}"
         raise ValueError(f"{what} for target modules {', '.join(lora_config.target_modules)}")
-    for sub, name in sorted(want_paths):
+
+
+def check_adapters(config: Qwen2Config, lora_config: LoraConfig, adapters) -> None:
+    """One-line ValueError unless `adapters` has exactly the tree and shapes this config implies."""
+    expected = adapter_shapes(config, lora_config)
+    _check_targets(adapters, lora_config)
+    got = adapters[STACKED]
+    for sub, name in sorted(TARGETS[m] for m in lora_config.target_modules):
         for ab in ("a", "b"):
             want = expected[STACKED][sub][name][ab]
             leaf = got[sub][name].get(ab) if isinstance(got[sub][name], dict) else None
@@ -209,15 +215,20 @@ def apply(params: dict, adapters: dict, lora_config: LoraConfig, dropout_rng=Non
     so `forward`, a loss, a train step). dropout_rng: a key for dropout on the adapter inputs
     (training); None runs without dropout (inference). Takes stacked ("layers") or per-layer
     ("layer_0", ...) params, in either kernel layout and any base dtype; the params are not copied."""
-    targets = [(TARGETS[m][0], TARGETS[m][1]) for m in lora_config.target_modules]
+    targets = [TARGETS[m] for m in lora_config.target_modules]
+    _check_targets(adapters, lora_config)
     stacked = adapters[STACKED]
-    num_layers = next(iter(next(iter(stacked.values())).values()))["a"].shape[0]
+    num_layers = stacked[targets[0][0]][targets[0][1]]["a"].shape[0]
+    if STACKED in params:
+        layer_names, params_layers = [STACKED], params[STACKED][targets[0][0]][targets[0][1]].shape[0]
+    else:
+        layer_names = [f"layer_{i}" for i in range(num_layers)]
+        params_layers = sum(1 for k in params if k.startswith("layer_"))
+    if params_layers != num_layers or not all(name in params for name in layer_names):
+        raise ValueError(f"adapters for {num_layers} layers do not fit these params ({params_layers} dense layers)")
     use_dropout = dropout_rng is not None and lora_config.dropout > 0
     keys = jax.random.split(dropout_rng, (len(targets), num_layers)) if use_dropout else None
     out = dict(params)
-    layer_names = [STACKED] if STACKED in params else [f"layer_{i}" for i in range(num_layers)]
-    if not all(name in params for name in layer_names):
-        raise ValueError("LoRA adapters need dense params with a 'layers' subtree or 'layer_0'... per layer")
     for i, layer_name in enumerate(layer_names):
         per_layer = layer_name != STACKED
         layer = out[layer_name] = dict(params[layer_name])

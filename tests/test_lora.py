@@ -468,3 +468,25 @@ def test_remat_and_dropout_gradients(base):
     plain, remat = grads(RunOptions()), grads(RunOptions(remat="full"))
     for g, r in zip(jax.tree.leaves(remat), jax.tree.leaves(plain)):
         assert np.max(np.abs(np.asarray(r))) > 0 and rel_err(np.asarray(g), np.asarray(r)) <= GRAD_TOL
+
+
+def test_mismatched_adapters_are_refused(base):
+    """apply / merge / save: adapters that do not fit the config or the params are one-line ValueErrors."""
+    _, _, config, params = base
+    lora_config = lora.LoraConfig(rank=4, alpha=8.0, target_modules=SUBSET)
+    adapters = _random_adapters(config, lora_config)
+    with pytest.raises(ValueError, match="missing adapter self_attn/k_kernel"):
+        lora.apply(params, adapters, lora.LoraConfig(rank=4, target_modules=(*SUBSET, "k_proj")))
+    with pytest.raises(ValueError, match="unexpected adapter mlp/down_kernel"):
+        lora.merge(params, adapters, lora.LoraConfig(rank=4, target_modules=("q_proj", "v_proj")), config)
+    deeper = config.replace(num_hidden_layers=4, layer_types=config.layer_types + config.layer_types[:1])
+    with pytest.raises(ValueError, match=r"adapter mlp/down_kernel/a has shape \[3, 96, 4\], expected \[4, 96, 4\]"):
+        save_peft_adapter("unused", deeper, lora_config, adapters)
+    two_layers = jax.tree.map(lambda x: x[:2], adapters)
+    with pytest.raises(ValueError, match=r"adapters for 2 layers do not fit these params \(3 dense layers\)"):
+        lora.apply(params, two_layers, lora_config)
+    with pytest.raises(ValueError, match="cannot merge LoRA into int8 params"):
+        lora.merge(quantize_params(config, params), adapters, lora_config, config)
+    with pytest.raises(ValueError, match="unknown lora target module 'lm_head'"):
+        lora.LoraConfig(target_modules=("q_proj", "lm_head"))
+    assert not os.path.exists("unused")
