@@ -490,3 +490,22 @@ def test_mismatched_adapters_are_refused(base):
     with pytest.raises(ValueError, match="unknown lora target module 'lm_head'"):
         lora.LoraConfig(target_modules=("q_proj", "lm_head"))
     assert not os.path.exists("unused")
+
+
+def test_int8_base_adapter_gradients(base):
+    """QLoRA-style: adapter gradients over an int8 base == over its dequantized float32 kernels
+    (training-sized products: more rows than the int8 'digits' form takes, see qwen2_jax.matmul)."""
+    _, _, config, params = base
+    lora_config = lora.LoraConfig(rank=4, alpha=8.0)
+    adapters = _random_adapters(config, lora_config, seed=25)
+    quantized = quantize_params(config, params)
+    ids, mask = _ids(config.vocab_size, seed=12)
+
+    def grads(p):
+        def loss(ad):
+            return jnp.sum(forward_outputs(config, lora.apply(p, ad, lora_config), ids, mask)["logits"] ** 2) / 1e4
+
+        return jax.grad(loss)(adapters)
+
+    for g, r in zip(jax.tree.leaves(grads(quantized)), jax.tree.leaves(grads(_dequantized(config, quantized)))):
+        assert np.max(np.abs(np.asarray(r))) > 0 and rel_err(np.asarray(g), np.asarray(r)) <= GRAD_TOL
