@@ -191,18 +191,27 @@ def _grad_state(pm):
             yield name, p.grad.detach().numpy()
 
 
-def test_layouts_and_dtypes(base):
-    """The same adapters on per-layer [out, in] params (generation's layout) give the stacked
-    result; on bfloat16 and int8 bases they move the logits as on the float32 base."""
+def _layout_case(base):
     _, _, config, params = base
     lora_config = lora.LoraConfig(rank=4, alpha=8.0)
     adapters = _random_adapters(config, lora_config, seed=7)
     ids, mask = _ids(config.vocab_size, seed=5)
     stacked = np.asarray(forward(config, lora.apply(params, adapters, lora_config), ids, mask))
+    return config, params, lora_config, adapters, ids, mask, stacked
+
+
+def test_generation_layout(base):
+    """The same adapters on per-layer [out, in] params (generation's layout) give the stacked result."""
+    config, params, lora_config, adapters, ids, mask, stacked = _layout_case(base)
     options = RunOptions(layer_layout="per_layer", kernel_layout="out_in")
     per_layer = relayout(config, params, options)
     got = forward_outputs(config, lora.apply(per_layer, adapters, lora_config), ids, mask, options=options)
     assert _err(np.asarray(got["logits"]), stacked, mask) <= TOL
+
+
+def test_low_precision_bases(base):
+    """On bfloat16 and int8 bases the adapters move the logits as on the float32 base."""
+    config, params, lora_config, adapters, ids, mask, stacked = _layout_case(base)
     # bfloat16 base (bfloat16 activations, float32 adapter product): as close to the float32 adapted
     # model as the bfloat16 base is to the float32 base, and closer to it than the unadapted base
     low = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
