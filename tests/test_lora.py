@@ -284,7 +284,16 @@ def test_optimizer_state_fraction_qwen2_0_5b():
         return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
 
     full = state_bytes(abstract_params(config, jnp.float32))
-    adapters = state_bytes(lora.abstract_adapters(config, lora_config))
+    abstract = lora.abstract_adapters(config, lora_config)
+    adapters = state_bytes(abstract)
+    # the same adapter sizes as peft's LoRA on the HF model of this shape (built on the meta device)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        hf_model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config.to_hf()))
+    peft_model = peft.get_peft_model(hf_model, peft.LoraConfig(r=16, target_modules=list(lora.TARGET_MODULES)))
+    theirs = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    assert theirs == sum(x.size for x in jax.tree.leaves(abstract)) == 8_798_208
     fraction = adapters / full
     mib = 2**20
     print(f"\nQwen2-0.5B AdamW state: rank-16 LoRA {adapters / mib:.1f} MiB, full {full / mib:.1f} MiB, {fraction:.2%}")
