@@ -2,9 +2,10 @@
 the one forward pass) and `merge` (W + scale * A @ B).
 
 Adapters mirror the checkpoint's stacked params: for each targeted kernel, `a` [layers, *in, r] and
-`b` [r, *out] per layer ([layers, r, *out] stacked), where in/out are the kernel's own [in, out]
-dims (q_kernel [d, n, h]: a [L, d, r], b [L, r, n, h]; o_kernel [n, h, d]: a [L, n, h, r], b [L, r,
-d]). The names are peft's module names (q_proj ... down_proj), so a `LoraConfig` reads as peft's.
+`b` [layers, r, *out], where in/out are the kernel's own [in, out] dims (q_kernel [d, n, h]: a [L,
+d, r], b [L, r, n, h]; o_kernel [n, h, d]: a [L, n, h, r], b [L, r, d]), under the kernel's path:
+adapters["layers"]["self_attn"]["q_kernel"] = {"a", "b"}. Target modules go by peft's names
+(q_proj ... down_proj), so a `LoraConfig` reads as peft's.
 
 `apply(params, adapters, lora_config)` returns params with a `LoraAdapter` beside each targeted
 kernel (`q_kernel_lora` next to `q_kernel`); `qwen2_jax.layers.kernel` picks it up and `project`
