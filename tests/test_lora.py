@@ -527,3 +527,38 @@ def test_int8_base_adapter_gradients(base):
 
     for g, r in zip(jax.tree.leaves(grads(quantized)), jax.tree.leaves(grads(_dequantized(config, quantized)))):
         assert np.max(np.abs(np.asarray(r))) > 0 and rel_err(np.asarray(g), np.asarray(r)) <= GRAD_TOL
+
+
+def test_generator_with_unmerged_adapters(base):
+    """Generator(lora=...) (prefill + cached decode, generation's layout, adapters unmerged) gives
+    the tokens and logits of the merged model."""
+    from qwen2_jax.generate import GenerateOptions, Generator
+
+    _, _, config, params = base
+    lora_config = lora.LoraConfig(rank=4, alpha=8.0)
+    adapters = _random_adapters(config, lora_config, seed=27)
+    prompts = [[1, 2, 3, 4, 5], [7, 8, 9]]
+    opts = GenerateOptions(8, temperature=0.0)
+    unmerged = Generator(config, params, lora=(lora_config, adapters))
+    merged = Generator(config, lora.merge(params, adapters, lora_config, config))
+    got, want = unmerged.generate_outputs(prompts, opts, True), merged.generate_outputs(prompts, opts, True)
+    assert got["tokens"] == want["tokens"] and got["tokens"] != Generator(config, params).generate(prompts, opts)
+    for g, w in zip(got["logits"], want["logits"]):
+        assert rel_err(np.asarray(g), np.asarray(w)) <= TOL
+
+
+def test_generator_with_adapters_on_int8(base):
+    """Generator(quantize="int8", lora=...): an int8 base with float32 adapters (not the merged model
+    quantized). Its first token's logits == the uncached forward of the same params + adapters."""
+    from qwen2_jax.generate import GenerateOptions, Generator
+
+    _, _, config, params = base
+    lora_config = lora.LoraConfig(rank=4, alpha=8.0)
+    adapters = _random_adapters(config, lora_config, seed=29)
+    prompts = [[1, 2, 3, 4, 5], [7, 8, 9, 10, 11, 12]]  # >= 5 rows: the int8 products' dequantize form
+    got = Generator(config, params, quantize="int8", lora=(lora_config, adapters))
+    out = got.generate_outputs(prompts, GenerateOptions(4, temperature=0.0), True)
+    wrapped = lora.apply(quantize_params(config, params), adapters, lora_config)
+    for row, prompt in enumerate(prompts):
+        want = np.asarray(forward(config, wrapped, [prompt]))[0, -1]
+        assert rel_err(np.asarray(out["logits"][row][0]), want) <= TOL
