@@ -2,11 +2,11 @@
 
     qwen2-convert hf-to-orbax SRC_HF_DIR DST_DIR [--dtype bfloat16|float16|float32]
     qwen2-convert orbax-to-hf SRC_DIR DST_HF_DIR [--dtype ...] [--max-shard-size 5GB]
-    qwen2-convert merge-lora BASE_DIR ADAPTER_DIR DST_HF_DIR [--dtype ...] [--max-shard-size 5GB]
+    qwen2-convert merge-lora BASE_DIR ADAPTER_DIR DST_DIR [--to hf|orbax] [--dtype ...] [--max-shard-size 5GB]
     common: [--overwrite] [--quiet] [--verify] (--verify: not merge-lora)
 
-merge-lora folds a PEFT LoRA adapter into a base checkpoint (HF directory or Orbax) and writes an HF
-directory (`hf-to-orbax` makes an Orbax checkpoint of it), as peft's merge_and_unload would.
+merge-lora folds a PEFT LoRA adapter into a base checkpoint (HF directory or Orbax) as peft's
+merge_and_unload would, and writes an HF directory (default) or an Orbax checkpoint (--to orbax).
 
 Exit codes: 0 success; 2 bad input or usage (one line on stderr, nothing created); 1 anything else
 (including --verify over tolerance). The result is written under a hidden temporary name beside DST
@@ -59,11 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--verify", action="store_true", help="compare logits of both checkpoints (needs torch + transformers)"
         )
-    helptext = "base checkpoint (HF or Orbax) + PEFT LoRA adapter directory -> merged HF directory"
+    helptext = "base checkpoint (HF or Orbax) + PEFT LoRA adapter directory -> merged checkpoint"
     p = sub.add_parser("merge-lora", help=helptext, description=helptext)
     p.add_argument("src", metavar="base")
     p.add_argument("adapter")
     p.add_argument("dst")
+    p.add_argument("--to", choices=["hf", "orbax"], default="hf", help="the merged checkpoint's format (default hf)")
     p.add_argument("--dtype", help=f"merged dtype {'|'.join(PARAM_DTYPE_NAMES)}; default: the base's")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     _common_args(p)
@@ -128,7 +129,7 @@ def _quiet_logs() -> None:
 def _run(args) -> int:
     _return_freed_memory()
     _quiet_logs()
-    to_orbax = args.command == "hf-to-orbax"
+    to_orbax = args.command == "hf-to-orbax" or getattr(args, "to", None) == "orbax"
     # Validation first: every bad-input error is raised before anything is created.
     if args.command == "merge-lora":
         plan = merge_lora.MergePlan(args.src, args.adapter, args.dtype)

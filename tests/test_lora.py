@@ -18,6 +18,7 @@ import qwen2_jax
 from convert_utils import leftovers, run_cli, save_hf
 from hf_utils import hf_logits, rel_err
 from qwen2_jax import lora
+from qwen2_jax import orbax_checkpoint as oc
 from qwen2_jax.config import preset
 from qwen2_jax.forward import forward, forward_outputs
 from qwen2_jax.layouts import relayout
@@ -352,8 +353,8 @@ def test_bad_adapter_files(base, tmp_path):
 
 
 def test_merge_lora_cli(base, tmp_path, capfd):
-    """HF and Orbax bases -> merged HF directory == peft's merge_and_unload (logits); bad input exits
-    2 with one line and creates nothing."""
+    """HF and Orbax bases -> merged HF directory or Orbax checkpoint == peft's merge_and_unload
+    (logits); bad input exits 2 with one line and creates nothing."""
     model, path, config, _ = base
     pm = _peft_model(model, lora.TARGET_MODULES, seed=11)
     adapter = tmp_path / "adapter"
@@ -363,10 +364,11 @@ def test_merge_lora_cli(base, tmp_path, capfd):
     orbax = tmp_path / "orbax"
     assert run_cli(capfd, "hf-to-orbax", path, orbax, "--quiet")[0] == 0
     errors = {}
-    for name, src in (("from-hf", path), ("from-orbax", orbax)):
+    for name, src, to in (("hf-to-hf", path, "hf"), ("orbax-to-hf", orbax, "hf"), ("hf-to-orbax", path, "orbax")):
         dst = tmp_path / name
-        rc, _, err = run_cli(capfd, "merge-lora", src, adapter, dst, "--quiet")
+        rc, _, err = run_cli(capfd, "merge-lora", src, adapter, dst, "--to", to, "--quiet")
         assert rc == 0, err
+        assert oc.is_orbax_checkpoint(str(dst)) == (to == "orbax")
         merged_config, merged = qwen2_jax.load_checkpoint(str(dst))
         assert "tokenizer.json" in os.listdir(dst)
         errors[name] = f"{_err(np.asarray(forward(merged_config, merged, ids, mask)), ref, mask):.1e}"
@@ -380,6 +382,7 @@ def test_merge_lora_cli(base, tmp_path, capfd):
         (("merge-lora", tmp_path / "none", adapter, tmp_path / "x"), "source not found"),
         (("merge-lora", path, adapter, tmp_path / "x", "--dtype", "int3"), "invalid --dtype"),
         (("merge-lora", path, adapter, adapter / "x"), "must not be"),
+        (("merge-lora", path, adapter, tmp_path / "x", "--to", "gguf"), "invalid choice"),
     ):
         rc, out, err = run_cli(capfd, *argv)
         assert rc == 2, (argv, err)
