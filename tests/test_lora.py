@@ -157,7 +157,7 @@ def test_gradients_reach_adapters_only_and_match_peft(base):
     lora_A / lora_B, for one weighted sum of the logits."""
     model, _, config, params = base
     pm = _peft_model(model, SUBSET, seed=5)
-    pm.train()  # dropout is 0: train mode only enables autograd bookkeeping
+    pm.train()  # as a training step runs it (dropout 0: the same forward as eval mode)
     lora_config = lora.LoraConfig(rank=4, alpha=8.0, target_modules=SUBSET)
     state = {k: v.detach().numpy() for k, v in pm.state_dict().items()}
     adapters = _adapters_from_state(config, lora_config, state)
