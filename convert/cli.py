@@ -2,7 +2,11 @@
 
     qwen2-convert hf-to-orbax SRC_HF_DIR DST_DIR [--dtype bfloat16|float16|float32]
     qwen2-convert orbax-to-hf SRC_DIR DST_HF_DIR [--dtype ...] [--max-shard-size 5GB]
-    common: [--overwrite] [--quiet] [--verify]
+    qwen2-convert merge-lora BASE_DIR ADAPTER_DIR DST_DIR [--to hf|orbax] [--dtype ...] [--max-shard-size 5GB]
+    common: [--overwrite] [--quiet] [--verify] (--verify: not merge-lora)
+
+merge-lora folds a PEFT LoRA adapter into a base checkpoint (HF directory or Orbax) as peft's
+merge_and_unload would, and writes an HF directory (default) or an Orbax checkpoint (--to orbax).
 
 Exit codes: 0 success; 2 bad input or usage (one line on stderr, nothing created); 1 anything else
 (including --verify over tolerance). The result is written under a hidden temporary name beside DST
@@ -18,7 +22,7 @@ import logging
 import os
 import sys
 
-from convert import hf_to_orbax, orbax_to_hf
+from convert import hf_to_orbax, merge_lora, orbax_to_hf
 from convert.progress import Progress
 from convert.verify import compare
 from qwen2_jax import atomic
@@ -51,12 +55,26 @@ def build_parser() -> argparse.ArgumentParser:
         )
         if name == "orbax-to-hf":
             p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
-        p.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
-        p.add_argument("--quiet", action="store_true", help="no progress bar")
+        _common_args(p)
         p.add_argument(
             "--verify", action="store_true", help="compare logits of both checkpoints (needs torch + transformers)"
         )
+    helptext = "base checkpoint (HF or Orbax) + PEFT LoRA adapter directory -> merged checkpoint"
+    p = sub.add_parser("merge-lora", help=helptext, description=helptext)
+    p.add_argument("src", metavar="base")
+    p.add_argument("adapter")
+    p.add_argument("dst")
+    p.add_argument("--to", choices=["hf", "orbax"], default="hf", help="the merged checkpoint's format (default hf)")
+    p.add_argument("--dtype", help=f"merged dtype {'|'.join(PARAM_DTYPE_NAMES)}; default: the base's")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    _common_args(p)
+    p.set_defaults(verify=False)
     return parser
+
+
+def _common_args(p) -> None:
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def main(argv=None) -> int:
@@ -80,8 +98,10 @@ def _check_args(args) -> None:
     src, dst = os.path.abspath(args.src), os.path.abspath(args.dst)
     if not os.path.exists(src):
         raise FileNotFoundError(f"source not found: {args.src}")
-    if src == dst or dst.startswith(src + os.sep):
-        raise UsageError(f"destination {args.dst} must not be the source or inside it")
+    for given in (args.src, getattr(args, "adapter", None)):
+        inside = given is not None and os.path.abspath(given)
+        if inside and (inside == dst or dst.startswith(inside + os.sep)):
+            raise UsageError(f"destination {args.dst} must not be {given} or inside it")
     if os.path.exists(dst) or os.path.islink(dst):
         if not os.path.isdir(dst) or os.path.islink(dst):
             raise UsageError(f"destination exists and is not a directory: {args.dst}")
@@ -109,9 +129,12 @@ def _quiet_logs() -> None:
 def _run(args) -> int:
     _return_freed_memory()
     _quiet_logs()
-    to_orbax = args.command == "hf-to-orbax"
+    to_orbax = args.command == "hf-to-orbax" or getattr(args, "to", None) == "orbax"
     # Validation first: every bad-input error is raised before anything is created.
-    plan = (hf_to_orbax.SourcePlan if to_orbax else orbax_to_hf.CheckpointPlan)(args.src, args.dtype)
+    if args.command == "merge-lora":
+        plan = merge_lora.MergePlan(args.src, args.adapter, args.dtype)
+    else:
+        plan = (hf_to_orbax.SourcePlan if to_orbax else orbax_to_hf.CheckpointPlan)(args.src, args.dtype)
     try:
         with atomic.directory(args.dst, TEMP_TAG) as tmp:
             progress = Progress(len(plan.table), plan.total_bytes, args.command, enabled=not args.quiet)

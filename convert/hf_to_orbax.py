@@ -37,6 +37,11 @@ class SourcePlan:
         except BaseException:
             self.tensors.close()
             raise
+        self.source = f"hf:{os.path.abspath(src)}"
+        self.assets_from = src
+
+    def hf_tensor(self, e: Entry) -> np.ndarray:
+        return self.tensors.read(e.hf_key)
 
     @property
     def total_bytes(self) -> int:
@@ -46,8 +51,10 @@ class SourcePlan:
         self.tensors.close()
 
 
-def convert(plan: SourcePlan, dst: str, progress: Progress) -> None:
-    """Write the checkpoint into `dst` (an empty or missing directory)."""
+def convert(plan, dst: str, progress: Progress) -> None:
+    """Write the checkpoint into `dst` (an empty or missing directory). `plan`: a SourcePlan, or any
+    plan with its config, table, dtype, shapes, hf_tensor(entry), source and assets_from
+    (`convert.merge_lora.MergePlan`)."""
     os.makedirs(dst, exist_ok=True)
     dtype = plan.dtype
     tree: dict = {}
@@ -60,16 +67,14 @@ def convert(plan: SourcePlan, dst: str, progress: Progress) -> None:
             for key in e.path[:-1]:
                 node = node.setdefault(key, {})
             node[e.path[-1]] = leaf
-        leaf.slices.append((order, e.index, _producer(plan.tensors, e, dtype, progress)))
+        leaf.slices.append((order, e.index, _producer(plan, e, dtype, progress)))
     orbax_stream.write_streamed_params(dst, tree)
-    oc.write_checkpoint_files(
-        dst, plan.config, dtype.name, source=f"hf:{os.path.abspath(plan.src)}", assets_from=plan.src
-    )
+    oc.write_checkpoint_files(dst, plan.config, dtype.name, source=plan.source, assets_from=plan.assets_from)
 
 
-def _producer(tensors: SafetensorsDir, e: Entry, dtype: np.dtype, progress: Progress):
+def _producer(plan, e: Entry, dtype: np.dtype, progress: Progress):
     def produce() -> np.ndarray:
-        value = materialize(e.to_param(tensors.read(e.hf_key)), dtype)  # cast: round to nearest even
+        value = materialize(e.to_param(plan.hf_tensor(e)), dtype)  # cast: round to nearest even
         progress.update(value.nbytes)
         return value
 

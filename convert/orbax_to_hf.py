@@ -61,6 +61,14 @@ class CheckpointPlan:
         oc.check_stored_shapes(self.ckpt, leaf_shapes(self.config))
         self.table = hf_table(self.config)
         self.dtype = parse_dtype(dtype if dtype is not None else self.ckpt.dtype)
+        self.asset_dirs = tuple(dict.fromkeys((self.ckpt.directory, self.ckpt.metadata_dir)))
+        self._reader = None
+
+    def hf_tensor(self, e: Entry) -> np.ndarray:
+        """The HF tensor of one table entry, read from its stacked leaf's slice."""
+        if self._reader is None:
+            self._reader = LeafReader(self.ckpt)
+        return e.to_hf(self._reader.read(e.path, e.index))
 
     @property
     def total_bytes(self) -> int:
@@ -85,7 +93,9 @@ def shard_plan(table: list[Entry], dtype: np.dtype, max_shard_bytes: int) -> lis
     return shards
 
 
-def convert(plan: CheckpointPlan, dst: str, max_shard_bytes: int, progress: Progress) -> None:
+def convert(plan, dst: str, max_shard_bytes: int, progress: Progress) -> None:
+    """Write `plan`'s tensors as an HF directory: a CheckpointPlan, or any plan with its config,
+    table, dtype, total_bytes, hf_tensor(entry) and asset_dirs (`convert.merge_lora.MergePlan`)."""
     os.makedirs(dst, exist_ok=True)
     dtype = plan.dtype
     shards = shard_plan(plan.table, dtype, max_shard_bytes)
@@ -94,13 +104,12 @@ def convert(plan: CheckpointPlan, dst: str, max_shard_bytes: int, progress: Prog
         if len(shards) == 1
         else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     )
-    reader = LeafReader(plan.ckpt)
     weight_map = {}
     for name, entries in zip(names, shards, strict=True):
         specs = [(e.hf_key, dtype, e.hf_shape) for e in entries]
         with SafetensorsWriter(os.path.join(dst, name), specs, metadata={"format": "pt"}) as writer:
             for e in entries:
-                value = materialize(e.to_hf(reader.read(e.path, e.index)), dtype)  # round to nearest even
+                value = materialize(plan.hf_tensor(e), dtype)  # round to nearest even
                 writer.write(e.hf_key, value)
                 progress.update(value.nbytes)
                 weight_map[e.hf_key] = name
@@ -109,6 +118,6 @@ def convert(plan: CheckpointPlan, dst: str, max_shard_bytes: int, progress: Prog
         index = {"metadata": {"total_size": plan.total_bytes}, "weight_map": weight_map}
         atomic.write_json(os.path.join(dst, INDEX_FILE), index)
     plan.config.with_checkpoint_info(torch_dtype=dtype.name).save_hf(dst)
-    for d in dict.fromkeys((plan.ckpt.directory, plan.ckpt.metadata_dir)):
+    for d in plan.asset_dirs:
         if oc.copy_assets(d, dst):
             break

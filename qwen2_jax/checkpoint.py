@@ -15,12 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from qwen2_jax import orbax_checkpoint
+from qwen2_jax import lora, orbax_checkpoint
 from qwen2_jax.config import ConfigError, Qwen2Config
 from qwen2_jax.dtypes import parse_dtype
 from qwen2_jax.hf_keys import Entry, hf_table, is_ignored, leaf_shapes
 from qwen2_jax.matmul import check_quantize
 from qwen2_jax.params import param_shardings, tree_get
+from qwen2_jax.peft_adapter import load_peft_adapter
 from qwen2_jax.quantize import quantize_params
 from qwen2_jax.safetensors_io import CheckpointError, SafetensorsDir
 
@@ -45,7 +46,11 @@ def is_hf_dir(path: str) -> bool:
 
 
 def load_checkpoint(
-    path: str | os.PathLike, dtype=None, mesh: Mesh | None = None, quantize: str | None = None
+    path: str | os.PathLike,
+    dtype=None,
+    mesh: Mesh | None = None,
+    quantize: str | None = None,
+    adapter: str | os.PathLike | None = None,
 ) -> tuple[Qwen2Config, Any]:
     """(config, params) from an Orbax checkpoint written by qwen2-convert or training, or an HF dir.
 
@@ -53,6 +58,8 @@ def load_checkpoint(
     even). mesh: place every parameter straight into its sharding on this mesh. quantize: None, or
     "int8": attention, MLP and LM-head matrices become int8 with one float32 scale per output channel
     (`qwen2_jax.quantize`; embeddings and norms keep `dtype`), for generation and `forward`.
+    adapter: a PEFT LoRA adapter directory merged into the params (W + scale * A @ B in float32,
+    rounded to the loaded dtype) before any quantization; a bad one is an AdapterError.
     """
     path = os.fspath(path)
     check_quantize(quantize)
@@ -63,6 +70,9 @@ def load_checkpoint(
     else:
         require_checkpoint_dir(path, config_hint=" (not an HF checkpoint) and no Orbax checkpoint")
         config, params = load_hf(path, target_dtype, mesh)
+    if adapter is not None:
+        lora_config, adapters = load_peft_adapter(adapter, config)
+        params = lora.merge(params, adapters, lora_config, config)
     if quantize is not None:
         params = quantize_params(config, params, quantize=quantize, consume=True)
     return config, params

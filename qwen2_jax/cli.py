@@ -2,7 +2,7 @@
 
     qwen2-generate --checkpoint DIR (--prompt TEXT | --prompt-ids 1,2,3 | --chat)
                    [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S] [--json]
-                   [--dtype bfloat16] [--quantize int8]
+                   [--dtype bfloat16] [--quantize int8] [--adapter PEFT_LORA_DIR]
 
 Sampling defaults come from the checkpoint's generation_config.json (as HF's generate uses them);
 flags override them. Exit codes: 0 success, 2 bad input or usage (one line on stderr), 1 otherwise.
@@ -63,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="int8: attention, MLP and LM-head matrices as int8, one scale per output channel "
         "(embeddings and norms keep --dtype)",
+    )
+    p.add_argument(
+        "--adapter",
+        default=None,
+        help="a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors), merged into "
+        "the weights on load",
     )
     p.add_argument(
         "--layer-layout",
@@ -171,7 +177,7 @@ class _Session:
         if self.params is None:
             try:
                 config, params = load_checkpoint(
-                    self.args.checkpoint, dtype=self.args.dtype, quantize=self.args.quantize
+                    self.args.checkpoint, dtype=self.args.dtype, quantize=self.args.quantize, adapter=self.args.adapter
                 )
             except FileNotFoundError as e:
                 raise UsageError(str(e)) from None

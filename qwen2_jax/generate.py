@@ -39,6 +39,8 @@ from qwen2_jax.decode_loop import LoopInputs, LoopSpec, Programs, build_programs
 from qwen2_jax.forward import sharding_of
 from qwen2_jax.kv_cache import init_cache
 from qwen2_jax.layouts import relayout
+from qwen2_jax.lora import LoraConfig
+from qwen2_jax.lora import apply as apply_lora
 from qwen2_jax.options import LAYER_LAYOUTS, RunOptions, default_kernel_layout
 from qwen2_jax.quantize import quantize_params
 from qwen2_jax.sampling import SamplingParams, as_int_list
@@ -121,6 +123,8 @@ class Generator:
     model plus one leaf) instead of copying them.
     quantize: None, or "int8" to quantize float params (see `qwen2_jax.quantize`).
     matmul: RunOptions.matmul ("auto", "einsum", "gemm").
+    lora: (LoraConfig, adapters) to generate with, unmerged (`qwen2_jax.lora.apply` on the runtime
+    params; the base stays as it is, quantized or not). Merging them instead costs nothing per step.
     """
 
     def __init__(
@@ -134,6 +138,7 @@ class Generator:
         consume: bool = False,
         quantize: str | None = None,
         matmul: str = "auto",
+        lora: tuple[LoraConfig, Any] | None = None,
     ):
         if layer_layout not in LAYER_LAYOUTS:
             raise ValueError(f"layer_layout must be one of {LAYER_LAYOUTS}, got {layer_layout!r}")
@@ -147,6 +152,8 @@ class Generator:
         runtime = relayout(config, params, layout, consume=consume)
         if quantize is not None:
             runtime = quantize_params(config, runtime, layout, quantize, consume=consume)
+        if lora is not None:
+            runtime = apply_lora(runtime, lora[1], lora[0])
         self.params = runtime
         self.options = layout.for_params(runtime, sharding)
         self.trace_counts: collections.Counter = collections.Counter()

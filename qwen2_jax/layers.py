@@ -7,7 +7,8 @@ softmax in float32; everything else in the compute dtype.
 Every layer module reads its runtime choices from one `RunOptions`; `kernel_layout="out_in"` creates
 the attention and MLP kernels output-major (`OUT_IN_AXES` says how each one is permuted), and
 `quantize="int8"` creates them as int8 values plus per-output-channel scales. Every attention and MLP
-product goes through `project` (`qwen2_jax.matmul` chooses its form).
+product goes through `project` (`qwen2_jax.matmul` chooses its form). A kernel with a LoRA adapter
+beside it in the params (`qwen2_jax.lora.apply`) comes back from `kernel` as a `lora.LoraKernel`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from qwen2_jax import lora
 from qwen2_jax.backend import backend
 from qwen2_jax.config import Qwen2Config
 from qwen2_jax.matmul import Int8Kernel, apply_kernel
@@ -58,14 +60,22 @@ def kernel(module: nn.Module, options: RunOptions, name: str, init, shape, logic
     if options.quantize == "int8":
         values = param(module, name, nn.initializers.zeros, shape, jnp.int8, logical_axes)
         scale = param(module, name + "_scale", nn.initializers.ones, scale_shape, jnp.float32, scale_axes)
-        return Int8Kernel(values, scale)
-    return param(module, name, init, shape, options.param_dtype, logical_axes)
+        w = Int8Kernel(values, scale)
+    else:
+        w = param(module, name, init, shape, options.param_dtype, logical_axes)
+    adapter_name = name + lora.ADAPTER_SUFFIX  # placed beside the kernel by `lora.apply`; absent otherwise
+    if module.has_variable("params", adapter_name):
+        return lora.LoraKernel(w, module.get_variable("params", adapter_name))
+    return w
 
 
 def project(x, w, in_out_spec: str, options: RunOptions, name: str):
     """Activations times the kernel `name`, whichever layout and format it is in. `in_out_spec` is
     the einsum written for the [in, out] kernel (e.g. "btd,dnh->btnh"); out_in kernels permute its
-    letters as OUT_IN_AXES permutes the kernel. Result in the compute dtype."""
+    letters as OUT_IN_AXES permutes the kernel. Result in the compute dtype; a LoraKernel adds its
+    adapter's product (`lora.adapter_product`, always on the [in, out] spec)."""
+    if isinstance(w, lora.LoraKernel):
+        return lora.adapter_product(project(x, w.base, in_out_spec, options, name), x, w.adapter, in_out_spec)
     if options.transposed_kernels:
         inputs, out = in_out_spec.split("->")
         x_spec, w_spec = inputs.split(",")
