@@ -492,7 +492,7 @@ class Engine:
             if progress:
                 progress(f"prefill chunk {c}{' with logprobs' if logprobs else ''}")
             ids = [0] * c
-            for start in (c, 0):  # a later chunk's program, then a first chunk's
+            for start in (1, 0):  # a later chunk's program (any start but 0 fits the cache), then a first one's
                 for _ in range(2):  # the first run compiles; the second one's time is the chunk's cost
                     self.prefill_seconds.pop((logprobs, start == 0, c), None)
                     self.prefill(0, ids, start, targets=ids if logprobs else None)

@@ -371,3 +371,15 @@ def test_prefill_chunks_shrink_to_the_decode_step_while_others_decode(model, mon
         assert chunks == [1, 32, 27]
     finally:
         sched.shutdown()
+
+
+def test_chunks_longer_than_max_model_len_warm_up(model):
+    """max_model_len below max_prefill_chunk: every program still compiles and serves."""
+    _, config, params = model
+    sched = Scheduler(Engine(config, params, max_batch_size=1, max_model_len=24, max_prefill_chunk=32))
+    sched.start()
+    try:
+        served = asyncio.run(_run_staggered(sched, [GenerationRequest(tuple(range(1, 21)), 4, GREEDY)]))
+    finally:
+        sched.shutdown()
+    assert len(served[0]) == 4
