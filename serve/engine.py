@@ -57,14 +57,19 @@ PROMPT_LOGPROBS_CHUNK = 64  # prompt log-probabilities need [chunk, vocab] float
 SAMPLING_CANDIDATES = 256
 
 
-def chunk_buckets(max_chunk: int) -> tuple[int, ...]:
-    """Prefill chunk lengths: powers of two from 16 up to max_chunk (one compiled program each)."""
-    sizes, c = [], PREFILL_BUCKET_MIN
-    while c < max_chunk:
-        sizes.append(c)
-        c *= 2
-    sizes.append(max_chunk)
+def doubling(minimum: int, maximum: int) -> tuple[int, ...]:
+    """minimum, 2 * minimum, 4 * minimum, ... below maximum, then maximum: one compiled program each."""
+    sizes, n = [], minimum
+    while n < maximum:
+        sizes.append(n)
+        n *= 2
+    sizes.append(maximum)
     return tuple(sizes)
+
+
+def chunk_buckets(max_chunk: int) -> tuple[int, ...]:
+    """Prefill chunk lengths: powers of two from 16 up to max_chunk."""
+    return doubling(PREFILL_BUCKET_MIN, max_chunk)
 
 
 KV_MEMORY_SHARE = 0.3  # of the device memory the params leave free, for the KV cache by default
@@ -89,15 +94,10 @@ def free_device_memory() -> int:
 
 
 def kv_buckets(num_slots: int, minimum: int = 256) -> tuple[int, ...]:
-    """Cache prefixes a decode step attends to: powers of two from `minimum`, then the whole cache
-    (one compiled decode step each). Reading the whole cache every step would cost a step of a
-    short request as much as one of the longest the cache allows."""
-    sizes, n = [], minimum
-    while n < num_slots:
-        sizes.append(n)
-        n *= 2
-    sizes.append(num_slots)
-    return tuple(sizes)
+    """Cache prefixes a decode step attends to: powers of two from `minimum`, then the whole cache.
+    Reading the whole cache every step would cost a step of a short request as much as one of the
+    longest the cache allows."""
+    return doubling(minimum, num_slots)
 
 
 def moving_average(average: float | None, seconds: float) -> float:
@@ -381,7 +381,7 @@ class Engine:
             # Steps of fewer slots only where a row's numbers provably do not depend on the slot count:
             # the CPU decode kernels compute each row alike for 1 to 8 rows. XLA's dots may change
             # algorithm with the row count (on a mesh, a one-row step changed a float32 greedy token).
-            self.batch_sizes = tuple(sorted({1 << i for i in range(max_batch_size.bit_length())} | {max_batch_size}))
+            self.batch_sizes = doubling(1, max_batch_size)
         self._decode = {}
         self._prefill = {}
         for kv_len in self.kv_lengths:

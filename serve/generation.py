@@ -31,15 +31,8 @@ class Delta:
 
 
 @dataclasses.dataclass
-class Reply:
-    """A whole reply, the deltas joined."""
-
-    text: str = ""
-    token_ids: list[int] = dataclasses.field(default_factory=list)
-    logprobs: list[TopLogprobs] = dataclasses.field(default_factory=list)
-    prompt_logprobs: PromptLogprobs | None = None
-    finish_reason: str | None = None
-    stop_reason: str | int | None = None
+class Reply(Delta):
+    """A whole reply: the deltas joined (the same fields)."""
 
     def add(self, delta: Delta) -> None:
         self.text += delta.text
