@@ -18,6 +18,7 @@ from qwen2_jax.sharding import make_mesh
 from serve.engine import Engine, key_data
 from serve.requests import GenerationRequest, PromptLogprobs, SamplingSettings, ServeError
 from serve.scheduler import Scheduler
+from tolerances import CACHE_REL, SHARDED_REL
 
 GREEDY = SamplingSettings(temperature=0.0)
 BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
@@ -237,9 +238,11 @@ def test_requests_the_engine_cannot_run_are_refused(scheduler, model):
     asyncio.run(run())
 
 
-def test_greedy_on_a_mesh_equals_one_device(model, generator):
-    """Served on a tensor x data mesh of the 8 fake CPU devices: the tokens of one device."""
-    path, config, _ = model
+def test_greedy_on_a_mesh_equals_one_device(model):
+    """Served on a data x tensor mesh of the 8 fake CPU devices: every token is one device's argmax
+    (teacher-forced, uncached) up to the mesh's float32 rounding: a tensor-parallel sum adds the
+    same products in another order, so a near-tie may fall either way (one did, once, in 10 tokens)."""
+    path, config, one_device = model
     _, params = qwen2_jax.load_checkpoint(path, mesh=make_mesh(data=2, tensor=4))
     sched = Scheduler(Engine(config, params, max_batch_size=2, max_model_len=64, max_prefill_chunk=16))
     sched.start()
@@ -249,7 +252,12 @@ def test_greedy_on_a_mesh_equals_one_device(model, generator):
     finally:
         sched.shutdown()
     for p, got in zip(prompts, served):
-        assert got == generator.generate([p], GenerateOptions(10, eos_token_ids=[]))[0]
+        assert len(got) == 10
+        logits = np.asarray(forward(config, one_device, np.array([p + got])))[0, len(p) - 1 : len(p) - 1 + len(got)]
+        for step, token in enumerate(got):
+            row = logits[step]
+            slack = 2 * (SHARDED_REL + CACHE_REL) * max(1.0, float(np.max(np.abs(row))))
+            assert row[token] >= row.max() - slack, f"step {step}: {token} is not the argmax {row.argmax()}"
 
 
 def test_key_data_is_jax_random_key():
