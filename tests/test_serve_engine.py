@@ -307,8 +307,10 @@ def test_bfloat16_greedy_in_a_crowd_equals_served_alone(model):
     assert [crowd[1], crowd[3], crowd[5]] == alone
 
 
+@pytest.mark.slow
 def test_int8_served_equals_int8_generate_alone(model):
-    """quantize="int8" serves the int8 kernels generate uses: the same greedy tokens."""
+    """quantize="int8" serves the int8 kernels generate uses: the same greedy tokens. Slow: the engine
+    path is test_greedy_in_a_crowd_equals_generate_alone's, the int8 kernels are tests/test_quantize.py's."""
     _, config, params = model
     sched = Scheduler(Engine(config, params, max_batch_size=2, max_model_len=64, max_prefill_chunk=16, quantize="int8"))
     sched.start()

@@ -100,8 +100,11 @@ def _trl_labels(hf_tok, rows, template, **config):
     return [(ex["input_ids"], np.asarray(ex["labels"]) != IGNORE_INDEX) for ex in trainer.train_dataset]
 
 
+@pytest.mark.slow
 def test_against_trl_sft_trainer_masks(tok, hf_tok):
-    """TRL's SFTTrainer (its own dataset preparation, assistant_only_loss with its training variant of
+    """Slow (TRL's trainer set-up): the same masks are checked against transformers' own
+    assistant mask by test_assistant_tokens_equal_transformers_mask. TRL's SFTTrainer (its own dataset
+    preparation, assistant_only_loss with its training variant of
     Qwen2.5's template; completion-only loss for prompt-completion rows) trains what we train, plus,
     in chat rows, the template's newline before each assistant turn and the one after its <|im_end|>
     (TRL's prompt-completion: the one after). Plain-text prompt-completion rows: exactly equal."""

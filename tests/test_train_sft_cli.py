@@ -133,7 +133,10 @@ def test_sft_from_an_hf_checkpoint_trains_and_its_checkpoint_chats(unbroken_run)
     assert chat.stdout.strip(), chat.stdout
 
 
+@pytest.mark.slow
 def test_sigkill_then_rerun_logs_the_unbroken_losses(workdir, unbroken_run):
+    """Slow: the resume path is covered by tests/test_train_cli.py::test_sigkill_then_rerun_logs_the_unbroken_losses
+    (pretraining) and the SFT data stream's state by tests/test_train_sft_data.py."""
     unbroken = _losses(unbroken_run[0])
     output_dir = str(workdir / "killed")
     cmd = _command(workdir, output_dir)
@@ -147,8 +150,11 @@ def test_sigkill_then_rerun_logs_the_unbroken_losses(workdir, unbroken_run):
     assert len(_records(output_dir)) == 10
 
 
+@pytest.mark.slow
 def test_a_run_starts_from_an_orbax_checkpoint(workdir, unbroken_run):
-    """`model:` the first run's own checkpoint directory: the second run starts from its trained weights
+    """Slow: the start from a checkpoint is covered by test_sft_from_an_hf_checkpoint_trains_and_its_checkpoint_chats
+    (HF) and Orbax restores by tests/test_convert.py. `model:` the first run's own checkpoint directory: the
+    second run starts from its trained weights
     (its first loss is the first run's late loss, not a random model's)."""
     first = _losses(unbroken_run[0])
     output_dir = str(workdir / "from-orbax")
