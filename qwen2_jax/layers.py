@@ -202,14 +202,21 @@ def attention_mask(q_slot, q_pos_bt, k_slot_s, k_pos_bs, window: int | None):
     return allowed_bts[:, None]
 
 
-def update_slice(full, part, index, axis: int):
-    """dynamic_update_slice along one axis. XLA:CPU converts a 16-bit float buffer to float32 and
-    back around a dynamic_update_slice (a pass over the whole buffer: per layer and decode step, the
-    whole KV cache); as uint16 the update is in place and costs what `part` does."""
+def update_block(full, part, starts):
+    """dynamic_update_slice at `starts` (one index per axis). XLA:CPU converts a 16-bit float buffer
+    to float32 and back around a dynamic_update_slice (a pass over the whole buffer: per layer and
+    decode step, the whole KV cache); as uint16 the update is in place and costs what `part` does."""
     bits = jnp.issubdtype(full.dtype, jnp.floating) and full.dtype.itemsize == 2
     as_u16 = (lambda x: jax.lax.bitcast_convert_type(x, jnp.uint16)) if bits else (lambda x: x)
-    out = jax.lax.dynamic_update_slice_in_dim(as_u16(full), as_u16(part), index, axis=axis)
+    out = jax.lax.dynamic_update_slice(as_u16(full), as_u16(part), tuple(starts))
     return jax.lax.bitcast_convert_type(out, full.dtype) if bits else out
+
+
+def update_slice(full, part, index, axis: int):
+    """`update_block` along one axis."""
+    starts = [0] * full.ndim
+    starts[axis] = index
+    return update_block(full, part, starts)
 
 
 def write_at(buffer_bs, chunk_bt, write_index):

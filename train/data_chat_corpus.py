@@ -11,16 +11,14 @@ single), so the data has multi-turn rows. About 3,800 exchanges on CPython 3.11;
 from __future__ import annotations
 
 import ast
-import json
 import os
 import platform
 import re
 import sysconfig
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from train.data_corpus import _definition_docstrings, _module_files
+from train.data_corpus import _definition_docstrings, _module_files, write_jsonl
 
 _FIRST_SENTENCE = re.compile(r"(.+?[.!?])(\s|$)")
 MIN_WORDS, MAX_WORDS = 3, 40
@@ -39,20 +37,8 @@ def default_chat_sources(cache_dir: str | os.PathLike) -> list[Path]:
 
 
 def write_stdlib_chat(path: str | os.PathLike, stdlib_dir: str | os.PathLike | None = None) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     root = Path(stdlib_dir or sysconfig.get_paths()["stdlib"])
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for messages in stdlib_conversations(root):
-                f.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
-        os.chmod(tmp_name, 0o644)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return path
+    return write_jsonl(path, ({"messages": messages} for messages in stdlib_conversations(root)))
 
 
 def stdlib_conversations(root: Path) -> Iterator[list[dict[str, str]]]:

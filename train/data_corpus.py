@@ -24,7 +24,7 @@ import os
 import platform
 import sysconfig
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 # Parts of the standard library that distributions may leave out or package separately.
@@ -62,14 +62,19 @@ def default_corpus_sources(cache_dir: str | os.PathLike) -> list[Path]:
 
 def write_stdlib_docs_corpus(path: str | os.PathLike, stdlib_dir: str | os.PathLike | None = None) -> Path:
     """Write the corpus as JSONL ({"text": ..., "source": ...} per line), atomically."""
+    root = Path(stdlib_dir or sysconfig.get_paths()["stdlib"])
+    return write_jsonl(path, ({"text": text, "source": source} for source, text in stdlib_documents(root)))
+
+
+def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
+    """One JSON object a line, written under a temporary name and renamed: never half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    root = Path(stdlib_dir or sysconfig.get_paths()["stdlib"])
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for source, text in stdlib_documents(root):
-                f.write(json.dumps({"text": text, "source": source}, ensure_ascii=False) + "\n")
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
         os.chmod(tmp_name, 0o644)
         os.replace(tmp_name, path)
     except BaseException:
