@@ -46,7 +46,7 @@ from qwen2_jax.backend import backend
 from qwen2_jax.config import Qwen2Config
 from qwen2_jax.generate import Generator
 from qwen2_jax.kv_cache import KVCache, init_cache
-from qwen2_jax.layers import update_slice
+from qwen2_jax.layers import update_block, update_slice
 from qwen2_jax.model import Qwen2ForCausalLM
 from qwen2_jax.options import RunOptions
 from qwen2_jax.sampling import SamplingMode, SamplingValues, apply_repetition_penalty, first_argmax, select_tokens
@@ -165,14 +165,8 @@ def cache_block(cache: KVCache, num_rows: int, num_slots: int) -> KVCache:
 
 
 def _put_front(full, front):
-    """full with front written over its leading corner, in place (16-bit floats as uint16: see
-    `qwen2_jax.layers.update_slice`)."""
-    if front.shape == full.shape:
-        return front
-    bits = jnp.issubdtype(full.dtype, jnp.floating) and full.dtype.itemsize == 2
-    as_u16 = (lambda x: jax.lax.bitcast_convert_type(x, jnp.uint16)) if bits else (lambda x: x)
-    out = jax.lax.dynamic_update_slice(as_u16(full), as_u16(front), (0,) * full.ndim)
-    return jax.lax.bitcast_convert_type(out, full.dtype) if bits else out
+    """full with front written over its leading corner, in place."""
+    return front if front.shape == full.shape else update_block(full, front, (0,) * full.ndim)
 
 
 def put_cache_block(cache: KVCache, block: KVCache) -> KVCache:
@@ -458,7 +452,9 @@ class Engine:
         b = self.rows_for(rows)
         program = self._decode[self.kv_length_for(rows)]
         began = time.perf_counter()
-        rows = jax.tree.map(lambda x: x[:b], rows) if b < self.max_batch_size else rows
+        # copies: the scheduler edits its arrays in place after the call, and XLA:CPU may read a
+        # numpy argument in place (zero copy) after the call returns
+        rows = jax.tree.map(lambda x: np.array(x[:b]), rows)
         self.cache, self.seen, result = program(self.params, self.cache, self.seen, rows)
         result = {k: np.asarray(v) for k, v in jax.device_get(result).items()}
         self.decode_seconds = moving_average(self.decode_seconds, time.perf_counter() - began)
