@@ -241,7 +241,8 @@ def test_requests_the_engine_cannot_run_are_refused(scheduler, model):
 def test_greedy_on_a_mesh_equals_one_device(model):
     """Served on a data x tensor mesh of the 8 fake CPU devices: every token is one device's argmax
     (teacher-forced, uncached) up to the mesh's float32 rounding: a tensor-parallel sum adds the
-    same products in another order, so a near-tie may fall either way (one did, once, in 10 tokens)."""
+    same products in another order, so a near-tie may fall either way."""
+
     path, config, one_device = model
     _, params = qwen2_jax.load_checkpoint(path, mesh=make_mesh(data=2, tensor=4))
     sched = Scheduler(Engine(config, params, max_batch_size=2, max_model_len=64, max_prefill_chunk=16))
