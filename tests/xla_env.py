@@ -14,7 +14,15 @@ with that scheduler on can run the collectives of a sharded program in another o
 devices and hang: measured with jaxlib 0.10.2 on tests/test_train_chunked_loss.py's MoE case on 8
 fake devices (compiled fresh it passes; loaded from the cache 6 devices wait in an all-reduce while 2
 wait in an all-gather, until XLA aborts the process). The flag changes the order in which XLA runs
-independent operations, not what any operation computes."""
+independent operations, not what any operation computes.
+
+The tests compile at XLA:CPU's backend optimization level 0 (`--xla_backend_optimization_level=0`, the
+level XLA hands LLVM when it turns fused HLO into machine code): the suite's programs are tiny and run a
+few times each, so LLVM's optimization passes cost far more than they save. Measured on this project's
+2-core machine with the cache off: tests/test_train_packing.py and tests/test_parity_dense.py 73 -> 47 s
+wall (102 -> 57 s CPU); test_serve_engine.py, test_train_loop.py and test_quantize.py 213 -> 138 s CPU.
+`make test-numerics-isa` runs the numerics-heavy tests again at full optimization (and with the ISA
+capped), so the code users run is still checked. QWEN2_JAX_TEST_XLA_OPT=full turns level 0 off."""
 
 from __future__ import annotations
 
@@ -24,11 +32,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _CACHE = os.environ.get("QWEN2_JAX_TEST_COMPILATION_CACHE", os.path.join(ROOT, ".cache", "jax-compilation"))
 CACHE_ON = _CACHE != "0"
 CACHE_SAFE_FLAGS = "--xla_cpu_enable_concurrency_optimized_scheduler=false" if CACHE_ON else ""
+FULL_OPTIMIZATION = os.environ.get("QWEN2_JAX_TEST_XLA_OPT", "0") == "full"
+FAST_COMPILE_FLAGS = "" if FULL_OPTIMIZATION else "--xla_backend_optimization_level=0"
 
 
 def xla_flags(devices: int, base: str = "") -> str:
     """XLA_FLAGS with `devices` fake CPU devices, on top of `base` (for instance an ISA cap)."""
-    return " ".join(f for f in (base, f"--xla_force_host_platform_device_count={devices}", CACHE_SAFE_FLAGS) if f)
+    flags = (base, f"--xla_force_host_platform_device_count={devices}", CACHE_SAFE_FLAGS, FAST_COMPILE_FLAGS)
+    return " ".join(f for f in flags if f)
 
 
 def set_session_environment(devices: int = 8) -> None:
