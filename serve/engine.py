@@ -288,10 +288,10 @@ class Engine:
     state (KV cache, the repetition penalty's seen-token table) and the compiled programs.
 
     max_model_len: the longest prompt + output of one request (default: the model's context,
-    max_position_embeddings (none with dual chunk attention), capped so that the KV cache takes at most 30% of the memory the params
-    leave free; `max_model_len_capped` says whether it was). max_prefill_chunk: the longest prompt
-    piece prefilled between two decode steps. kv_bucket_min: the smallest cache prefix a decode step attends to. Not
-    thread-safe: one thread (the scheduler's loop) drives it."""
+    max_position_embeddings, or none with dual chunk attention, capped so that the KV cache takes at
+    most 30% of the memory the params leave free; `max_model_len_capped` says whether it was).
+    max_prefill_chunk: the longest prompt piece prefilled between two decode steps. kv_bucket_min: the
+    smallest cache prefix a decode step attends to. Not thread-safe: one thread (the scheduler's loop) drives it."""
 
     def __init__(
         self,

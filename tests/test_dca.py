@@ -104,7 +104,8 @@ def reference_logits(config: Qwen2Config, params, ids):
 
     x = p["embed_tokens"][np.asarray(ids)]
     for li in range(config.num_hidden_layers):
-        a, m = jax.tree.map(lambda t: t[li], layers["self_attn"]), jax.tree.map(lambda t: t[li], layers["mlp"])
+        a = {name: w[li] for name, w in layers["self_attn"].items()}
+        m = {name: w[li] for name, w in layers["mlp"].items()}
         h = rms(x, layers["input_layernorm"]["scale"][li])
         q = np.einsum("td,dnh->tnh", h, a["q_kernel"]) + a["q_bias"]
         k = np.einsum("td,dkh->tkh", h, a["k_kernel"]) + a["k_bias"]
