@@ -14,7 +14,7 @@ eighth of it) against plain RoPE extrapolation, and against the short-context pe
 documents cut into windows of the trained context).
 
 Memory: separate subprocesses prefill 8k and 32k tokens through `qwen2_jax.generate` with DCA (the
-KV-cache path) on a tiny model and report their peak RSS (ru_maxrss), and the XLA temp buffers of the
+KV-cache path) on a tiny model and report their peak RSS (VmHWM), and the XLA temp buffers of the
 uncached forward program at both lengths; the attention never holds a [t, t] matrix, so both grow
 about linearly.
 """
@@ -141,6 +141,19 @@ def perplexity(args) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ memory
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes: VmHWM, which starts afresh at exec (Linux keeps
+    ru_maxrss across exec, so a probe started by a large parent would report the parent's size)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _memory_probe(length: int) -> None:
     """One prefill of `length` tokens (run in its own process): prints a JSON line."""
     from qwen2_jax.forward import _forward
@@ -155,7 +168,7 @@ def _memory_probe(length: int) -> None:
     began = time.perf_counter()
     tokens = generate(config, params, [ids[0].tolist()], 1)
     seconds = time.perf_counter() - began
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss = peak_rss()
     compiled = _forward.lower(
         params,
         jnp.asarray(ids),
