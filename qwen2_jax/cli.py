@@ -3,6 +3,7 @@
     qwen2-generate --checkpoint DIR (--prompt TEXT | --prompt-ids 1,2,3 | --chat)
                    [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S] [--json]
                    [--dtype bfloat16] [--quantize int8] [--adapter PEFT_LORA_DIR]
+                   [--dual-chunk-attention CHUNK,LOCAL]
 
 Sampling defaults come from the checkpoint's generation_config.json (as HF's generate uses them);
 flags override them. Exit codes: 0 success, 2 bad input or usage (one line on stderr), 1 otherwise.
@@ -19,7 +20,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from qwen2_jax.checkpoint import load_checkpoint, require_checkpoint_dir
-from qwen2_jax.cli_support import ArgumentParser, UsageError, run_cli
+from qwen2_jax.cli_support import (
+    ArgumentParser,
+    UsageError,
+    add_dual_chunk_flag,
+    parse_dual_chunk,
+    run_cli,
+    with_dual_chunk,
+)
 from qwen2_jax.config import Qwen2Config
 from qwen2_jax.generate import GenerateOptions, Generator
 from qwen2_jax.sampling import eos_ids_of, load_generation_config, validate
@@ -81,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="let prompt + --max-new-tokens run past the model's context (max_position_embeddings)",
     )
+    add_dual_chunk_flag(p)
     p.add_argument("--quiet", action="store_true", help="no speed report on stderr")
     return p
 
@@ -119,9 +128,10 @@ class _Session:
     def __init__(self, args):
         self.args = args
         path = args.checkpoint
+        self.dual_chunk = parse_dual_chunk(args.dual_chunk_attention)
         try:
             require_checkpoint_dir(path, config_hint=" (not an HF or Orbax checkpoint)")
-            self.config = Qwen2Config.from_hf(path)
+            self.config = with_dual_chunk(Qwen2Config.from_hf(path), self.dual_chunk)
             self.gen = load_generation_config(path)
         except (FileNotFoundError, ValueError) as e:  # CheckpointError and ConfigError are ValueErrors
             raise UsageError(str(e)) from None
@@ -160,13 +170,13 @@ class _Session:
     def check_prompt(self, ids: Sequence[int], what: str = "prompt") -> None:
         if not ids:
             raise UsageError(f"the {what} is empty (0 tokens)")
-        context = self.config.max_position_embeddings
-        if len(ids) > context:
+        context = self.config.context_length  # None: no limit (dual chunk attention)
+        if context is not None and len(ids) > context:
             raise UsageError(f"the {what} has {len(ids)} tokens, more than the model's context of {context} tokens")
         bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
         if bad:
             raise UsageError(f"token id {bad[0]} is outside the model's vocabulary [0, {self.config.vocab_size})")
-        if len(ids) + self.max_new_tokens > context and not self.args.allow_context_overflow:
+        if context is not None and len(ids) + self.max_new_tokens > context and not self.args.allow_context_overflow:
             raise UsageError(
                 f"the {what} ({len(ids)} tokens) + --max-new-tokens {self.max_new_tokens} runs past the "
                 f"model's context of {context} tokens (max_position_embeddings); lower "
@@ -183,7 +193,7 @@ class _Session:
                 raise UsageError(str(e)) from None
             except ValueError as e:  # CheckpointError, ConfigError: a malformed checkpoint
                 raise UsageError(str(e)) from None
-            self.config = config
+            self.config = config = with_dual_chunk(config, self.dual_chunk)
             # consume: the checkpoint params move into the generator (peak memory: model + one leaf)
             self.params = Generator(config, params, layer_layout=self.args.layer_layout, consume=True)
         return self.params
@@ -314,8 +324,11 @@ def _run_chat(session: _Session, args) -> int:
         history.append({"role": "user", "content": line})
         ids = tok.encode(tok.apply_chat_template(history, add_generation_prompt=True))
         # Keep prompt + reply within the context: drop the oldest exchanges (a system message stays).
-        context = session.config.max_position_embeddings
-        budget = context if args.allow_context_overflow else max(1, context - session.max_new_tokens)
+        context = session.config.context_length
+        if context is None:  # dual chunk attention: no position limit
+            budget = len(ids)
+        else:
+            budget = context if args.allow_context_overflow else max(1, context - session.max_new_tokens)
         while len(ids) > budget and len(history) > 1 + bool(args.system):
             del history[int(bool(args.system))]
             ids = tok.encode(tok.apply_chat_template(history, add_generation_prompt=True))

@@ -78,3 +78,44 @@ def run_cli(prog: str, main_fn: Callable[..., int], *args: Any, **kwargs: Any) -
             raise
         report_error(prog, f"{type(e).__name__}: {e}")
         return EXIT_FAILURE
+
+
+DUAL_CHUNK_FLAG = "--dual-chunk-attention"
+
+
+def add_dual_chunk_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        DUAL_CHUNK_FLAG,
+        metavar="CHUNK,LOCAL",
+        default=None,
+        help="Dual Chunk Attention for prompts past the trained context: chunks of CHUNK - LOCAL tokens, "
+        "position indices below CHUNK (e.g. the trained context, and LOCAL an eighth of it); overrides "
+        "config.json's dual_chunk_attention_config",
+    )
+
+
+def parse_dual_chunk(text: str | None) -> tuple[int, int] | None:
+    """`--dual-chunk-attention CHUNK,LOCAL` as (chunk_size, local_size); None when not given."""
+    if text is None:
+        return None
+    parts = text.split(",")
+    try:
+        chunk, local = (int(p) for p in parts) if len(parts) == 2 else (None, None)
+    except ValueError:
+        chunk = local = None
+    if chunk is None or not 0 <= local < chunk:
+        raise UsageError(f"{DUAL_CHUNK_FLAG} takes CHUNK,LOCAL: two integers with 0 <= LOCAL < CHUNK, got {text!r}")
+    return chunk, local
+
+
+def with_dual_chunk(config, chunk_local: tuple[int, int] | None):
+    """config with Dual Chunk Attention at (chunk_size, local_size), keeping config.json's
+    original_max_position_embeddings; config itself when the flag was not given. A config that
+    cannot take DCA (sliding windows, dynamic RoPE) raises ConfigError."""
+    if chunk_local is None:
+        return config
+    from qwen2_jax.hf_config import DualChunkSettings
+
+    previous = config.dual_chunk_attention
+    original = previous.original_max_position_embeddings if previous is not None else 0
+    return config.replace(dual_chunk_attention=DualChunkSettings(*chunk_local, original))

@@ -18,6 +18,7 @@ from qwen2_jax.hf_config import (
     SUPPORTED_MODEL_TYPES,
     CheckpointInfo,
     ConfigError,
+    DualChunkSettings,
     RopeScaling,
     fields_from_hf,
     fields_to_hf,
@@ -62,6 +63,8 @@ class Qwen2Config:
     decoder_sparse_step: int = 1
     mlp_only_layers: tuple[int, ...] = ()
     router_aux_loss_coef: float = 0.001
+    # Dual Chunk Attention at inference (config.json's dual_chunk_attention_config); None = off.
+    dual_chunk_attention: DualChunkSettings | None = None
     # Not architecture: excluded from ==, hash and to_hf's architecture fields.
     checkpoint_info: CheckpointInfo = dataclasses.field(default=CheckpointInfo(), compare=False)
 
@@ -91,6 +94,13 @@ class Qwen2Config:
                 sliding = window is not None and i >= self.max_window_layers
             types.append("sliding_attention" if sliding else "full_attention")
         return tuple(types)
+
+    @property
+    def context_length(self) -> int | None:
+        """The longest sequence (prompt + output) the model takes: max_position_embeddings, or None
+        (no position limit) with Dual Chunk Attention, whose position indices stay below chunk_size
+        however long the sequence."""
+        return None if self.dual_chunk_attention is not None else self.max_position_embeddings
 
     def is_sparse_layer(self, i: int) -> bool:
         return self.is_moe and i not in self.mlp_only_layers and (i + 1) % self.decoder_sparse_step == 0
@@ -175,6 +185,20 @@ class Qwen2Config:
             need(self.decoder_sparse_step >= 1, f"decoder_sparse_step must be >= 1, got {self.decoder_sparse_step}")
             bad = [i for i in self.mlp_only_layers if not 0 <= i < self.num_hidden_layers]
             need(not bad, f"mlp_only_layers {bad} are not layer indices")
+        dca = self.dual_chunk_attention
+        if dca is not None:
+            need(isinstance(dca, DualChunkSettings), f"dual_chunk_attention must be DualChunkSettings, got {dca!r}")
+            problem = dca.check()
+            need(problem is None, f"dual_chunk_attention: {problem}")
+            need(
+                self.rope_scaling.rope_type != "dynamic",
+                "dual chunk attention does not combine with dynamic rope scaling",
+            )
+            types = self.layer_types or self.derived_layer_types()
+            need(
+                not (self.sliding_window and "sliding_attention" in types),
+                "dual chunk attention does not combine with sliding-window layers",
+            )
         need(
             self.intermediate_size > 0
             or (self.is_moe and all(self.is_sparse_layer(i) for i in range(self.num_hidden_layers))),

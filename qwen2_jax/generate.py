@@ -72,7 +72,7 @@ class GenerateOptions:
     early. temperature 0 is greedy; otherwise HF's processors run in HF's order (repetition
     penalty, temperature, top-k, top-p, min-p) and the draw is seeded: the same seed and inputs
     give the same tokens. allow_context_overflow lets prompt + max_new_tokens run past the model's
-    max_position_embeddings (refused otherwise)."""
+    max_position_embeddings (refused otherwise; with dual chunk attention there is no such limit)."""
 
     max_new_tokens: int
     temperature: float = 0.0
@@ -232,8 +232,8 @@ class Generator:
         config = self.config
         prompts = check_prompts(config, prompts)
         longest = max(len(p) for p in prompts)
-        context = config.max_position_embeddings
-        if longest + options.max_new_tokens > context and not options.allow_context_overflow:
+        context = config.context_length  # None: no limit (dual chunk attention)
+        if context is not None and longest + options.max_new_tokens > context and not options.allow_context_overflow:
             raise ValueError(
                 f"prompt of {longest} tokens + max_new_tokens {options.max_new_tokens} runs past the "
                 f"model's context of {context} tokens (max_position_embeddings); shorten the request "

@@ -72,6 +72,62 @@ class RopeScaling:
 
 
 @dataclasses.dataclass(frozen=True)
+class DualChunkSettings:
+    """Dual Chunk Attention (`dual_chunk_attention_config` in config.json, the keys vLLM reads):
+    chunks of chunk_size - local_size tokens; query position indices never pass chunk_size.
+    original_max_position_embeddings > 0 also scales each query's logits with the length it sees
+    (`qwen2_jax.dual_chunk`). vLLM's sparse-attention keys are read and ignored: attention stays dense."""
+
+    chunk_size: int
+    local_size: int
+    original_max_position_embeddings: int = 0
+
+    @property
+    def chunk_len(self) -> int:
+        return self.chunk_size - self.local_size
+
+    def check(self) -> str | None:
+        """What is wrong with these settings (one line), or None."""
+        for name in ("chunk_size", "local_size", "original_max_position_embeddings"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                return f"{name} must be an integer >= 0, got {value!r}"
+        if not 0 <= self.local_size < self.chunk_size:
+            return f"local_size ({self.local_size}) must be below chunk_size ({self.chunk_size})"
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+DUAL_CHUNK_KEY = "dual_chunk_attention_config"
+_DUAL_CHUNK_IGNORED = ("sparse_attention_config", "sparse_attention_enabled", "sparse_attention_threshold",
+                       "sparse_attention_last_q")  # fmt: skip
+
+
+def dual_chunk_from_dict(d: Mapping[str, Any] | None, where: str) -> DualChunkSettings | None:
+    """`dual_chunk_attention_config` as vLLM reads it (defaults chunk_size 8192, local_size 1024,
+    original_max_position_embeddings 0); None when absent."""
+    if d is None:
+        return None
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"{where}: {DUAL_CHUNK_KEY} must be an object, got {d!r}")
+    known = {f.name for f in dataclasses.fields(DualChunkSettings)}
+    unknown = sorted(set(d) - known - set(_DUAL_CHUNK_IGNORED))
+    if unknown:
+        raise ConfigError(f"{where}: unknown {DUAL_CHUNK_KEY} key(s) {unknown}")
+    settings = DualChunkSettings(
+        chunk_size=d.get("chunk_size", 8192),
+        local_size=d.get("local_size", 1024),
+        original_max_position_embeddings=d.get("original_max_position_embeddings") or 0,
+    )
+    problem = settings.check()
+    if problem:
+        raise ConfigError(f"{where}: {DUAL_CHUNK_KEY}: {problem}")
+    return settings
+
+
+@dataclasses.dataclass(frozen=True)
 class CheckpointInfo:
     """What a checkpoint says besides its architecture: special token ids and storage dtype.
 
@@ -164,6 +220,7 @@ def fields_from_hf(d: Mapping[str, Any], where: str, field_names: set[str]) -> t
             kwargs.setdefault(k, v)
     if kwargs.get("head_dim") is None:
         kwargs.pop("head_dim", None)
+    kwargs["dual_chunk_attention"] = dual_chunk_from_dict(d.get(DUAL_CHUNK_KEY), where)
     eos = d.get("eos_token_id")
     dtype = d.get("torch_dtype") or d.get("dtype")
     info = CheckpointInfo(
@@ -179,7 +236,9 @@ def fields_to_hf(fields: Mapping[str, Any], info: CheckpointInfo) -> dict[str, A
     """config.json in transformers 5 spelling (also readable by 4.x through rope_theta / rope_scaling)."""
     moe = fields["model_type"] == "qwen2_moe"
     out: dict[str, Any] = {"architectures": ["Qwen2MoeForCausalLM" if moe else "Qwen2ForCausalLM"]}
-    skip = {"rope_scaling", "rope_theta", "head_dim"} | (set() if moe else set(_MOE_FIELDS) | {"qkv_bias"})
+    skip = {"rope_scaling", "rope_theta", "head_dim", "dual_chunk_attention"} | (
+        set() if moe else set(_MOE_FIELDS) | {"qkv_bias"}
+    )
     for name, value in fields.items():
         if name not in skip:
             out[name] = list(value) if isinstance(value, tuple) else value
@@ -193,6 +252,8 @@ def fields_to_hf(fields: Mapping[str, Any], info: CheckpointInfo) -> dict[str, A
     out["rope_theta"] = fields["rope_theta"]
     if rope.rope_type != "default":
         out["rope_scaling"] = rope.to_dict()
+    if fields.get("dual_chunk_attention") is not None:
+        out[DUAL_CHUNK_KEY] = fields["dual_chunk_attention"].to_dict()
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         value = getattr(info, name)
         out[name] = list(value) if isinstance(value, tuple) else value

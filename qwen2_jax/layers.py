@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qwen2_jax import lora
+from qwen2_jax import dual_chunk, lora
 from qwen2_jax.backend import backend
 from qwen2_jax.config import Qwen2Config
 from qwen2_jax.matmul import Int8Kernel, apply_kernel
@@ -322,6 +322,7 @@ class Attention(nn.Module):
             q_btnh += param(self, "q_bias", zeros, (n, h), pd, ("q_heads", "head_dim")).astype(dt)
             k_btkh += param(self, "k_bias", zeros, (k, h), pd, ("kv_heads", "head_dim")).astype(dt)
             v_btkh += param(self, "v_bias", zeros, (k, h), pd, ("kv_heads", "head_dim")).astype(dt)
+        unrotated_q_btnh = q_btnh
         q_btnh = apply_rotary(q_btnh, cos_bth, sin_bth)
         k_btkh = apply_rotary(k_btkh, cos_bth, sin_bth)
         q_btnh = opt.constrain(q_btnh, ("batch", "length", "act_heads", None))
@@ -333,9 +334,18 @@ class Attention(nn.Module):
             keys, values = cache_k_bskh.astype(opt.compute_dtype), cache_v_bskh.astype(opt.compute_dtype)
         else:
             keys, values = k_btkh, v_btkh
-        out_btnh = attention_core(
-            q_btnh, keys, values, mask_b1ts, h**-0.5, None if cache_k_bskh is None else write_index
-        ).astype(opt.compute_dtype)
+        if isinstance(mask_b1ts, dual_chunk.DualChunkInputs):
+            # Dual Chunk Attention: cos/sin are at the keys' in-chunk positions (the intra-chunk
+            # queries' too), so the cache holds keys as every later query needs them.
+            dca = mask_b1ts
+            q_succ_btnh = apply_rotary(unrotated_q_btnh, dca.succ_cos_bth, dca.succ_sin_bth)
+            q_inter_btnh = apply_rotary(unrotated_q_btnh, dca.inter_cos_bth, dca.inter_sin_bth)
+            out_btnh = dual_chunk.attention(q_btnh, q_succ_btnh, q_inter_btnh, keys, values, dca)
+        else:
+            out_btnh = attention_core(
+                q_btnh, keys, values, mask_b1ts, h**-0.5, None if cache_k_bskh is None else write_index
+            )
+        out_btnh = out_btnh.astype(opt.compute_dtype)
         out_btd = project(out_btnh, wo, "btnh,nhd->btd", opt, "o_kernel")
         return opt.constrain(out_btd, ("batch", "length", "act_embed")), (cache_k_bskh, cache_v_bskh)
 

@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qwen2_jax import cpu_kernels
+from qwen2_jax import cpu_kernels, dual_chunk
 from qwen2_jax.backend import backend
 from qwen2_jax.config import Qwen2Config
 from qwen2_jax.kv_cache import KVCache
@@ -156,9 +156,11 @@ class Qwen2ForCausalLM(nn.Module):
         )
         x_btd = embedding_rows(embedding, input_ids_bt, opt.sharding is not None).astype(opt.compute_dtype)
         x_btd = opt.constrain(x_btd, ("batch", "length", "act_embed"))
-        cos_bth, sin_bth = rotary_tables(cfg, positions_bt, opt.compute_dtype)
-
         t = input_ids_bt.shape[1]
+        dca = cfg.dual_chunk_attention
+        ordinary = dual_chunk.fits_ordinary_attention(dca, t if cache is None else cache.num_slots)
+        if ordinary:
+            cos_bth, sin_bth = rotary_tables(cfg, positions_bt, opt.compute_dtype)
         new_pos_bt = jnp.where(attention_mask_bt.astype(bool), positions_bt, -1).astype(jnp.int32)
         # write_index: a scalar, or [b] with one cache index per row (serving's decode slots)
         q_slot = (write_index[:, None] if jnp.ndim(write_index) == 1 else write_index) + jnp.arange(t)
@@ -167,7 +169,21 @@ class Qwen2ForCausalLM(nn.Module):
         else:
             k_pos_bs = write_at(cache.pos, new_pos_bt, write_index)
             k_slot_s = jnp.arange(cache.num_slots)
-        mask_full = attention_mask(q_slot, positions_bt, k_slot_s, k_pos_bs, None)
+        if ordinary:
+            mask_full = attention_mask(q_slot, positions_bt, k_slot_s, k_pos_bs, None)
+        else:
+            if segment_ids_bt is not None:
+                raise ValueError("dual chunk attention runs unpacked sequences only (no segment_ids_bt)")
+            # DCA's inputs take the mask's place (no [t, s] mask for a long prompt); cos/sin are at
+            # the keys' in-chunk positions
+            (cos_bth, sin_bth), mask_full = dual_chunk.make_inputs(
+                dca,
+                lambda indices_bt: rotary_tables(cfg, indices_bt, opt.compute_dtype),
+                positions_bt,
+                q_slot,
+                k_pos_bs,
+                cfg.head_size**-0.5,
+            )
         mask_sliding = (
             attention_mask(q_slot, positions_bt, k_slot_s, k_pos_bs, cfg.sliding_window)
             if any(cfg.layer_is_sliding)

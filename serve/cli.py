@@ -3,6 +3,7 @@
     qwen2-serve --checkpoint DIR [--host 127.0.0.1] [--port 8000] [--served-model-name NAME]
                 [--max-batch-size 8] [--max-model-len N] [--max-prefill-chunk N] [--max-queue N]
                 [--dtype ...] [--quantize int8] [--mesh tensor=4] [--api-key KEY] [--drain-timeout S]
+                [--dual-chunk-attention CHUNK,LOCAL]
 
 The port answers at once (GET /health: 503) while the checkpoint loads and every program compiles;
 then one line `qwen2-serve: ready on http://HOST:PORT (...)` on stderr, and /health answers 200.
@@ -21,7 +22,14 @@ import time
 from collections.abc import Sequence
 
 from qwen2_jax.checkpoint import require_checkpoint_dir
-from qwen2_jax.cli_support import ArgumentParser, UsageError, run_cli
+from qwen2_jax.cli_support import (
+    ArgumentParser,
+    UsageError,
+    add_dual_chunk_flag,
+    parse_dual_chunk,
+    run_cli,
+    with_dual_chunk,
+)
 from qwen2_jax.config import Qwen2Config
 from qwen2_jax.sharding import MESH_AXES
 
@@ -47,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help=f"require `Authorization: Bearer KEY` (default: ${API_KEY_ENV})")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="on SIGTERM, seconds to let requests finish")
     p.add_argument("--max-request-bytes", type=int, default=16 << 20, help="largest request body (default: 16 MiB)")
+    add_dual_chunk_flag(p)
     p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="warning")
     return p
 
@@ -93,13 +102,14 @@ class _Loader:
     def __init__(self, args):
         self.args = args
         self.name = args.served_model_name or _default_name(args.checkpoint)
+        self.dual_chunk = parse_dual_chunk(args.dual_chunk_attention)
         try:
             require_checkpoint_dir(args.checkpoint, config_hint=" (not an HF or Orbax checkpoint)")
-            self.config = Qwen2Config.from_hf(args.checkpoint)
+            self.config = with_dual_chunk(Qwen2Config.from_hf(args.checkpoint), self.dual_chunk)
         except (FileNotFoundError, ValueError) as e:
             raise UsageError(str(e)) from None
-        context = self.config.max_position_embeddings
-        if args.max_model_len is not None and args.max_model_len > context:
+        context = self.config.context_length  # None: no limit (dual chunk attention)
+        if args.max_model_len is not None and context is not None and args.max_model_len > context:
             raise UsageError(f"--max-model-len {args.max_model_len} is more than the model's context of {context}")
         self.mesh = self._mesh()
         from serve.served_model import load_tokenizer_if_any
@@ -141,6 +151,7 @@ class _Loader:
         _log(f"loading {args.checkpoint}")
         try:
             config, params = load_checkpoint(args.checkpoint, dtype=args.dtype, quantize=args.quantize, mesh=self.mesh)
+            config = with_dual_chunk(config, self.dual_chunk)
             engine = Engine(
                 config,
                 params,

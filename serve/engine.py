@@ -288,10 +288,10 @@ class Engine:
     state (KV cache, the repetition penalty's seen-token table) and the compiled programs.
 
     max_model_len: the longest prompt + output of one request (default: the model's context,
-    max_position_embeddings, capped so that the KV cache takes at most 30% of the memory the params
-    leave free; `max_model_len_capped` says whether it was). max_prefill_chunk: the longest prompt
-    piece prefilled between two decode steps. kv_bucket_min: the smallest cache prefix a decode step attends to. Not
-    thread-safe: one thread (the scheduler's loop) drives it."""
+    max_position_embeddings, or none with dual chunk attention, capped so that the KV cache takes at
+    most 30% of the memory the params leave free; `max_model_len_capped` says whether it was).
+    max_prefill_chunk: the longest prompt piece prefilled between two decode steps. kv_bucket_min: the
+    smallest cache prefix a decode step attends to. Not thread-safe: one thread (the scheduler's loop) drives it."""
 
     def __init__(
         self,
@@ -313,9 +313,11 @@ class Engine:
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        context = config.max_position_embeddings
+        context = config.context_length  # None: no position limit (dual chunk attention), memory only
         if max_model_len is not None and (
-            isinstance(max_model_len, bool) or not isinstance(max_model_len, int) or not 2 <= max_model_len <= context
+            isinstance(max_model_len, bool)
+            or not isinstance(max_model_len, int)
+            or not 2 <= max_model_len <= (context or max_model_len)
         ):
             raise ValueError(
                 f"max_model_len must be an integer in [2, {context}] (the model's context), got {max_model_len!r}"
@@ -329,8 +331,8 @@ class Engine:
             # after the params are placed: the cache gets a share of what they left free
             per_token = kv_bytes_per_token(config, max_batch_size, self.options.compute_dtype)
             fits = int(KV_MEMORY_SHARE * free_device_memory() // per_token) - max_prefill_chunk
-            max_model_len = min(context, fits // 16 * 16)
-            self.max_model_len_capped = max_model_len < context
+            max_model_len = fits // 16 * 16 if context is None else min(context, fits // 16 * 16)
+            self.max_model_len_capped = context is None or max_model_len < context
             if max_model_len < 2:
                 raise ValueError(
                     f"no memory left for a KV cache: {max_batch_size} slots need {per_token / 2**20:.1f} MiB per "
