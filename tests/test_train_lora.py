@@ -166,6 +166,8 @@ def test_loss_falls_and_the_run_writes_a_peft_adapter(lora_run):
     assert sorted(os.listdir(checkpoints / "adapter")) == [CONFIG_FILE, WEIGHTS_FILE]
     step_items = set(os.listdir(checkpoints / str(STEPS)))
     assert {"adapters", "opt_state", "meta"} <= step_items and "params" not in step_items  # no base copy
+    with pytest.raises(CheckpointError, match="a LoRA training run's checkpoints .* adapter="):
+        qwen2_jax.load_checkpoint(str(checkpoints))
 
 
 class _Interrupted(Exception):
