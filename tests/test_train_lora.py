@@ -55,6 +55,8 @@ def _config(output_dir, model, *overrides):
         f"total_steps={STEPS}",
         "log_every=1",
         "checkpoint_every=4",
+        "eval_every=4",
+        "eval_batches=1",
         "batch_size=8",
         f"seq_len={SEQ}",
         "optimizer.learning_rate=3e-2",
@@ -69,9 +71,9 @@ def _config(output_dir, model, *overrides):
     return load_config(None, sets + list(overrides))
 
 
-def _losses(output_dir):
+def _losses(output_dir, key="loss"):
     with open(os.path.join(output_dir, "metrics.jsonl")) as f:
-        return [json.loads(line)["loss"] for line in f]
+        return [record[key] for record in map(json.loads, f) if key in record]
 
 
 @pytest.fixture(scope="module")
@@ -162,6 +164,8 @@ def test_sharded_run_equals_one_device(tmp_path, hf_base):
 def test_loss_falls_and_the_run_writes_a_peft_adapter(lora_run):
     losses = _losses(lora_run)
     assert len(losses) == STEPS and losses[-1] < losses[0] - 0.3, losses
+    eval_losses = _losses(lora_run, "eval_loss")  # held-out loss with the adapters on, no dropout
+    assert len(eval_losses) == 2 and eval_losses[1] < eval_losses[0], eval_losses
     checkpoints = lora_run / "checkpoints"
     assert sorted(os.listdir(checkpoints / "adapter")) == [CONFIG_FILE, WEIGHTS_FILE]
     step_items = set(os.listdir(checkpoints / str(STEPS)))
@@ -204,6 +208,7 @@ def test_interrupted_run_resumes_with_the_unbroken_losses(tmp_path, hf_base, lor
         train(config, data=_StopsAfter(6), log=_quiet)
     train(config, data=SyntheticData(VOCAB, SEQ), log=_quiet)
     assert _losses(tmp_path / "broken") == _losses(lora_run)  # bit-identical, one record per step
+    assert _losses(tmp_path / "broken", "eval_loss") == _losses(lora_run, "eval_loss")
 
 
 def test_resuming_a_lora_run_as_full_fine_tuning_is_refused(tmp_path, hf_base, lora_run):
@@ -211,6 +216,13 @@ def test_resuming_a_lora_run_as_full_fine_tuning_is_refused(tmp_path, hf_base, l
     shutil.copytree(lora_run, output_dir)
     with pytest.raises(CheckpointError, match=r"has no params/ \(a LoRA fine-tuning run's checkpoint\?\)"):
         train(_config(output_dir, hf_base[1], "lora.rank=0"), data=SyntheticData(VOCAB, SEQ), log=_quiet)
+
+
+def test_resuming_with_another_rank_is_refused(tmp_path, hf_base, lora_run):
+    output_dir = tmp_path / "copy"
+    shutil.copytree(lora_run, output_dir)
+    with pytest.raises(CheckpointError, match="holds LoRA adapters of rank 4 on q_proj, .* this run asks for rank 8"):
+        train(_config(output_dir, hf_base[1], "lora.rank=8"), data=SyntheticData(VOCAB, SEQ), log=_quiet)
 
 
 def _ids(seed=0):

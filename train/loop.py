@@ -207,6 +207,8 @@ def _train(run: Run, data: DataProvider, store: CheckpointStore, start_time: flo
         global_batch_size=config.batch_size, seed=config.seed, process_index=share_index, process_count=share_count
     )
     store.check_same_model(setup.config)
+    if run.lora:
+        run.lora.check_resumable(store.directory, store.latest_step())
     if process_index == 0:
         # the starting checkpoint's tokenizer and generation assets go along (an SFT run's: its chat data's)
         assets_from = run.source.checkpoint if not isinstance(data, ChatCorpus) else None

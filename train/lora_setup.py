@@ -19,6 +19,7 @@ adapter_model.safetensors) that `peft.PeftModel.from_pretrained`, `qwen2-generat
 
 from __future__ import annotations
 
+import json
 import os
 
 import jax
@@ -30,6 +31,7 @@ from qwen2_jax.config import ConfigError
 from qwen2_jax.params import abstract_params, param_shardings
 from qwen2_jax.peft_adapter import save_peft_adapter
 from qwen2_jax.quantize import quantize_params
+from qwen2_jax.safetensors_io import CheckpointError
 from train.config import LoraSection, TrainConfig
 from train.model_setup import ModelSetup, ModelSource
 from train.optimizer import opt_state_shardings
@@ -149,6 +151,25 @@ class LoraTraining:
     def new_state(self, source: ModelSource, tx, seed: int, shardings: TrainState) -> TrainState:
         state = new_state(self.init_adapters(seed), tx, seed, shardings)
         return state.replace(frozen=self.load_base(source, seed))
+
+    def check_resumable(self, checkpoint_dir: str, step: int | None) -> None:
+        """Before resuming: the saved adapters must have this run's shapes (rank and target modules),
+        else one CheckpointError line (restoring would fail deep inside Orbax)."""
+        if step is None:
+            return
+        try:
+            with open(os.path.join(checkpoint_dir, str(step), "meta", "metadata"), encoding="utf-8") as f:
+                saved = json.load(f)["config"]["lora"]
+            saved_shape = (saved["rank"], tuple(m for m in lora.TARGET_MODULES if m in saved["target_modules"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return  # not ours to judge: the restore reports what is wrong
+        cfg = self.lora_config
+        if saved_shape != (cfg.rank, cfg.target_modules):
+            raise CheckpointError(
+                f"{checkpoint_dir} holds LoRA adapters of rank {saved_shape[0]} on {', '.join(saved_shape[1])}, "
+                f"this run asks for rank {cfg.rank} on {', '.join(cfg.target_modules)}: resume with the saved "
+                "lora settings, or give another output_dir"
+            )
 
     # ----------------------------------------------------------------------------- the forward
     def model_params(self, adapters, base, rng):
