@@ -67,6 +67,11 @@ def load_checkpoint(
     target_dtype = parse_dtype(dtype) if dtype is not None else None
     if orbax_checkpoint.is_orbax_checkpoint(path):
         config, params = orbax_checkpoint.restore(path, dtype=target_dtype, mesh=mesh)
+    elif os.path.isfile(os.path.join(path, "adapter", "adapter_config.json")) and not is_hf_dir(path):
+        raise CheckpointError(
+            f"{path}: a LoRA training run's checkpoints (adapters, no model): load its base model with "
+            f"adapter={os.path.join(path, 'adapter')} (qwen2-generate / qwen2-serve --adapter)"
+        )
     else:
         require_checkpoint_dir(path, config_hint=" (not an HF checkpoint) and no Orbax checkpoint")
         config, params = load_hf(path, target_dtype, mesh)

@@ -214,6 +214,9 @@ class Qwen2ForCausalLM(nn.Module):
             out["cache"] = KVCache(k=tuple(layer_outs["cache_k"]), v=tuple(layer_outs["cache_v"]), pos=k_pos_bs)
         if logits_index_b is not None:
             x_btd = jnp.take_along_axis(x_btd, logits_index_b[:, None, None], axis=1)
+        if not return_logits:  # the head is the caller's (the trainer's chunked loss): not even declared
+            out["final_hidden"] = x_btd
+            return out
         tied = cfg.tie_word_embeddings
         if opt.quantize == "int8":  # an int8 copy of the head matrix, [vocab, d], even when tied
             v, d = cfg.vocab_size, cfg.hidden_size
@@ -233,11 +236,8 @@ class Qwen2ForCausalLM(nn.Module):
                 opt.param_dtype,
                 ("embed", "vocab"),
             )
-        if return_logits:
-            logits = vocab_logits(x_btd, head, tied, opt.compute_dtype, opt.matmul)
-            out["logits"] = opt.constrain(logits, ("batch", "length", "act_vocab"))
-        else:
-            out["final_hidden"] = x_btd
+        logits = vocab_logits(x_btd, head, tied, opt.compute_dtype, opt.matmul)
+        out["logits"] = opt.constrain(logits, ("batch", "length", "act_vocab"))
         return out
 
     def _stacked(self, layer_cls, x_btd, shared: tuple, cache, flags: tuple[bool, bool]):

@@ -33,11 +33,18 @@ SCALE_SUFFIX = "_scale"
 
 
 def quantize_params(
-    config: Qwen2Config, params: dict, layout: RunOptions | None = None, quantize: str = "int8", consume: bool = False
+    config: Qwen2Config,
+    params: dict,
+    layout: RunOptions | None = None,
+    quantize: str = "int8",
+    consume: bool = False,
+    head: bool = True,
 ) -> dict:
     """The params (float, in `layout`'s layer/kernel layout; default the checkpoint layout) with int8
     kernels. consume=True deletes each float kernel once quantized (peak memory: the model plus one
-    kernel's float32 copy). Params that are already quantized come back unchanged."""
+    kernel's float32 copy). Params that are already quantized come back unchanged. head=False leaves
+    the LM head float (`lm_head`, or the tied embedding) with no int8 copy: a frozen LoRA training
+    base, whose loss applies the head itself (the model's trunk then never reads `lm_head_int8`)."""
     check_quantize(quantize)
     if quantize is None or quantize_of(params) == quantize:
         return params
@@ -55,6 +62,10 @@ def quantize_params(
                 tree_set(out, path, tree_get(params, path))
             continue
         scale_path = path[:-1] + (path[-1] + SCALE_SUFFIX,)
+        if path == ("lm_head_int8",) and not head:
+            if not config.tie_word_embeddings:
+                out["lm_head"] = params["lm_head"]
+            continue
         shardings = (tree_get(q_shardings, path), tree_get(q_shardings, scale_path))
         if path == ("lm_head_int8",):
             tied = config.tie_word_embeddings

@@ -2,9 +2,11 @@
 
     qwen2-serve --checkpoint DIR [--host 127.0.0.1] [--port 8000] [--served-model-name NAME]
                 [--max-batch-size 8] [--max-model-len N] [--max-prefill-chunk N] [--max-queue N]
-                [--dtype ...] [--quantize int8] [--mesh tensor=4] [--api-key KEY] [--drain-timeout S]
-                [--dual-chunk-attention CHUNK,LOCAL]
+                [--dtype ...] [--quantize int8] [--adapter PEFT_LORA_DIR] [--mesh tensor=4] [--api-key KEY]
+                [--drain-timeout S] [--dual-chunk-attention CHUNK,LOCAL]
 
+--adapter serves the checkpoint with a PEFT LoRA adapter merged into its weights at load (W + scale *
+B @ A in float32, then --dtype / --quantize): requests then cost exactly what the base costs.
 The port answers at once (GET /health: 503) while the checkpoint loads and every program compiles;
 then one line `qwen2-serve: ready on http://HOST:PORT (...)` on stderr, and /health answers 200.
 SIGTERM drains (see serve/server.py) and exits 0. Bad flags, a missing checkpoint or a mesh the
@@ -51,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 503")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="convert weights on load")
     p.add_argument("--quantize", choices=["int8"], default=None, help="int8 weights, one scale per output channel")
+    p.add_argument(
+        "--adapter",
+        default=None,
+        help="a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors), merged into the "
+        "weights at load",
+    )
     p.add_argument("--mesh", default=None, help="device mesh, e.g. tensor=4 or data=1,tensor=2 (default: one device)")
     p.add_argument("--api-key", default=None, help=f"require `Authorization: Bearer KEY` (default: ${API_KEY_ENV})")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="on SIGTERM, seconds to let requests finish")
@@ -112,6 +120,13 @@ class _Loader:
         if args.max_model_len is not None and context is not None and args.max_model_len > context:
             raise UsageError(f"--max-model-len {args.max_model_len} is more than the model's context of {context}")
         self.mesh = self._mesh()
+        if args.adapter is not None:  # checked before the port opens: a bad adapter exits 2 at once
+            from qwen2_jax.peft_adapter import load_peft_adapter
+
+            try:
+                load_peft_adapter(args.adapter, self.config)
+            except ValueError as e:  # AdapterError
+                raise UsageError(str(e)) from None
         from serve.served_model import load_tokenizer_if_any
 
         try:
@@ -150,7 +165,9 @@ class _Loader:
         start = time.perf_counter()
         _log(f"loading {args.checkpoint}")
         try:
-            config, params = load_checkpoint(args.checkpoint, dtype=args.dtype, quantize=args.quantize, mesh=self.mesh)
+            config, params = load_checkpoint(
+                args.checkpoint, dtype=args.dtype, quantize=args.quantize, mesh=self.mesh, adapter=args.adapter
+            )
             config = with_dual_chunk(config, self.dual_chunk)
             engine = Engine(
                 config,

@@ -5,6 +5,8 @@ Layout under `<output_dir>/checkpoints/`:
     qwen2_jax_metadata.json, config.json   what makes the run loadable by `load_checkpoint`
     <step>/params/      the params tree, in the same layout as qwen2-convert writes (so
                         `load_checkpoint(<output_dir>/checkpoints)` and `qwen2-convert orbax-to-hf` read it)
+    <step>/adapters/    instead of params/ in a LoRA run: the trained adapters (the frozen base is
+                        not saved: it is the run's `model`; train/lora_setup.py)
     <step>/opt_state/   the optax state, sharded like the params
     <step>/meta/        JSON: step, the RNG key, the data iterator state, the run config
 
@@ -31,8 +33,10 @@ CHECKPOINT_SUBDIR = "checkpoints"
 
 
 class CheckpointStore:
-    def __init__(self, output_dir: str, *, keep: int, async_saves: bool = True):
+    def __init__(self, output_dir: str, *, keep: int, async_saves: bool = True, trained_item: str = "params"):
+        """trained_item: the item that holds TrainState.params ("params", or a LoRA run's "adapters")."""
         self.directory = os.path.abspath(os.path.join(output_dir, CHECKPOINT_SUBDIR))
+        self.trained_item = trained_item
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             create=True,
@@ -44,7 +48,7 @@ class CheckpointStore:
             self.directory,
             options=options,
             item_handlers={
-                "params": params_handler(),
+                trained_item: params_handler(),
                 "opt_state": ocp.StandardCheckpointHandler(),
                 "meta": ocp.JsonCheckpointHandler(),
             },
@@ -81,7 +85,7 @@ class CheckpointStore:
         self.manager.save(
             step,
             args=ocp.args.Composite(
-                params=ocp.args.PyTreeSave(state.params, save_args=params_save_args(state.params)),
+                **{self.trained_item: ocp.args.PyTreeSave(state.params, save_args=params_save_args(state.params))},
                 opt_state=ocp.args.StandardSave(state.opt_state),
                 meta=ocp.args.JsonSave(meta),
             ),
@@ -91,7 +95,14 @@ class CheckpointStore:
             self.manager.wait_until_finished()
 
     def restore(self, step: int, abstract: TrainState, shardings: TrainState) -> tuple[TrainState, dict[str, Any]]:
-        """The state saved at `step`, every array placed straight into its sharding, and its meta."""
+        """The state saved at `step`, every array placed straight into its sharding, and its meta
+        (TrainState.frozen is not saved: the caller puts it back)."""
+        if not os.path.isdir(os.path.join(self.directory, str(step), self.trained_item)):
+            kind = "LoRA" if self.trained_item == "params" else "full"
+            raise CheckpointError(
+                f"{self.directory}/{step} has no {self.trained_item}/ (a {kind} fine-tuning run's checkpoint?): "
+                "resume with that run's lora settings, or give another output_dir"
+            )
         params_target = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract.params, shardings.params
         )
@@ -104,7 +115,7 @@ class CheckpointStore:
         restored = self.manager.restore(
             step,
             args=ocp.args.Composite(
-                params=ocp.args.PyTreeRestore(item=params_target, restore_args=params_args),
+                **{self.trained_item: ocp.args.PyTreeRestore(item=params_target, restore_args=params_args)},
                 opt_state=ocp.args.StandardRestore(opt_target),
                 meta=ocp.args.JsonRestore(),
             ),
@@ -114,7 +125,7 @@ class CheckpointStore:
             raise ValueError(f"{self.directory}/{step}: meta says step {meta['step']}")
         state = TrainState(
             step=jax.device_put(np.asarray(step, np.int32), shardings.step),
-            params=restored["params"],
+            params=restored[self.trained_item],
             opt_state=restored["opt_state"],
             rng=jax.device_put(np.asarray(meta["rng"], np.uint32), shardings.rng),
         )

@@ -83,6 +83,19 @@ class DataConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoraSection:
+    """LoRA fine-tuning (train/lora_setup.py): rank 0 = off (full fine-tuning). The base model is
+    frozen; only the adapters and their optimizer state are trained and checkpointed."""
+
+    rank: int = 0
+    alpha: float = 8.0  # scale = alpha / rank (peft's lora_alpha, default 8)
+    dropout: float = 0.0  # on the adapter inputs, training only (peft's lora_dropout)
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    use_rslora: bool = False  # scale = alpha / sqrt(rank)
+    base_dtype: str | None = None  # the frozen base: null = param_dtype, or a float dtype, or int8 (QLoRA-style)
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     task: str = "pretrain"  # pretrain (next-token loss on packed text) | sft (chat rows, train/sft_data.py)
     # model
@@ -114,6 +127,7 @@ class TrainConfig:
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    lora: LoraSection = dataclasses.field(default_factory=LoraSection)
 
     @property
     def micro_batch_size(self) -> int:
@@ -319,6 +333,7 @@ def validate(config: TrainConfig) -> None:
     )
     need(config.loss.z_loss_coef >= 0, "loss.z_loss_coef", f"must be >= 0, got {config.loss.z_loss_coef}")
     _validate_model_overrides(config.model_overrides)
+    _validate_lora(config.lora)
 
 
 def _validate_model_overrides(overrides: Mapping[str, Any]) -> None:
@@ -328,3 +343,25 @@ def _validate_model_overrides(overrides: Mapping[str, Any]) -> None:
     for key in overrides:
         if key not in known:
             raise ConfigKeyError(f"unknown config key {'model_overrides.' + str(key)!r} (not a Qwen2Config field)")
+
+
+def _validate_lora(section: LoraSection) -> None:
+    from qwen2_jax.lora import TARGET_MODULES
+
+    def need(cond: bool, key: str, message: str):
+        if not cond:
+            raise ConfigKeyError(f"config key 'lora.{key}' {message}")
+
+    base_dtypes = (*DTYPES, "int8")
+    need(section.rank >= 0, "rank", f"must be >= 0 (0 = full fine-tuning), got {section.rank}")
+    need(section.alpha > 0, "alpha", f"must be > 0, got {section.alpha}")
+    need(0 <= section.dropout < 1, "dropout", f"must be in [0, 1), got {section.dropout}")
+    need(bool(section.target_modules), "target_modules", f"must name at least one of {', '.join(TARGET_MODULES)}")
+    unknown = [m for m in section.target_modules if m not in TARGET_MODULES]
+    first = unknown[0] if unknown else None
+    need(not unknown, "target_modules", f"has unknown module {first!r} (choose from {', '.join(TARGET_MODULES)})")
+    need(
+        section.base_dtype is None or section.base_dtype in base_dtypes,
+        "base_dtype",
+        f"must be one of {', '.join(base_dtypes)} (or null for param_dtype), got {section.base_dtype!r}",
+    )

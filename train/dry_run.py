@@ -86,6 +86,7 @@ def plan(
             "per_device": {
                 "parameters": bytes_per_device(state.params),
                 "optimizer_state": bytes_per_device(state.opt_state),
+                "frozen": bytes_per_device(state.frozen),  # a LoRA run's base (its parameters are the adapters)
                 "batch": bytes_per_device(batch),
             },
             "device_memory": target.memory_bytes,
@@ -178,11 +179,12 @@ def format_report(r: dict[str, Any]) -> str:
         "per device",
         f"  parameters          {_gib(d['parameters']):>14}",
         f"  optimizer state     {_gib(d['optimizer_state']):>14}",
+        *([f"  frozen base (LoRA)  {_gib(d['frozen']):>14}"] if d.get("frozen") else []),
         f"  batch               {_gib(d['batch']):>14}",
     ]
     if "peak" in d:
         lines += [
-            f"  arguments           {_gib(d['arguments']):>14}   (compiler: the three above, step, rng key)",
+            f"  arguments           {_gib(d['arguments']):>14}   (compiler: the state and batch above, step, rng key)",
             f"  outputs - aliased   {_gib(d['outputs'] - d['aliased']):>14}   (the state is donated: updated in place)",
             f"  temporaries         {_gib(d['temporaries']):>14}   (activations, gradients, update, workspace)",
             f"  peak                {_gib(d['peak']):>14}   (arguments + outputs - aliased + temporaries)",

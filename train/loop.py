@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qwen2_jax.cli_support import UsageError
-from train import distributed
+from train import distributed, lora_setup
 from train import model_setup as ms
 from train.batches import Corpus, DataProvider, global_batch, process_share
 from train.checkpointing import CheckpointStore
@@ -66,6 +66,7 @@ class Run:
     train_step: Any
     eval_step: Any
     source: ms.ModelSource
+    lora: lora_setup.LoraTraining | None = None  # a LoRA run: adapters trained, the base frozen
 
     @property
     def mesh(self):
@@ -83,11 +84,12 @@ class Run:
         return {f: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self.batch_sharding) for f in self.batch_fields}
 
     def abstract_state(self) -> TrainState:
-        return jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            abstract_state(self.setup, self.tx),
-            self.shardings,
-        )
+        abstract = self.lora.abstract_state(self.tx) if self.lora else abstract_state(self.setup, self.tx)
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, self.shardings)
+
+    @property
+    def checkpoint_item(self) -> str:
+        return lora_setup.ADAPTERS_ITEM if self.lora else "params"
 
     def compile_train_step(self):
         return self.train_step.lower(self.abstract_state(), self.abstract_batch()).compile()
@@ -119,23 +121,30 @@ def build_run(config: TrainConfig, devices=None) -> Run:
         source.config,
         mesh,
         dtype=config.dtype,
-        param_dtype=config.param_dtype,
         remat=config.remat,
         scan_unroll=config.scan_unroll,
         moe_impl=config.moe_impl,
         moe_exchange=config.moe_exchange,
+        **lora_setup.base_options(config),
     )
-    tx, schedule = make_optimizer(config.optimizer, config.total_steps)
+    lora = lora_setup.LoraTraining.from_config(config, setup)
+    tx, schedule = make_optimizer(config.optimizer, config.total_steps)  # over the adapters only in a LoRA run
     replicated = ms.replicated(mesh)
-    shardings = state_shardings(setup, tx, replicated)
+    shardings = lora.state_shardings(tx, replicated) if lora else state_shardings(setup, tx, replicated)
     batch_sharding = ms.batch_sharding(mesh)
     objective = Objective(setup, config.loss)
+    model_params = lora.model_params if lora else None
     # one sharding for every field of a batch (input_ids, and attention_mask in held-out batches)
     train_step = jit_train_step(
-        make_train_step(objective, tx, schedule, config.grad_accum_steps), shardings, batch_sharding, replicated
+        make_train_step(objective, tx, schedule, config.grad_accum_steps, model_params),
+        shardings,
+        batch_sharding,
+        replicated,
     )
-    eval_step = jit_eval_step(make_eval_step(objective), shardings.params, batch_sharding, replicated)
-    return Run(config, setup, tx, schedule, shardings, batch_sharding, replicated, train_step, eval_step, source)
+    eval_step = jit_eval_step(
+        make_eval_step(objective, model_params), shardings.params, batch_sharding, replicated, shardings.frozen
+    )
+    return Run(config, setup, tx, schedule, shardings, batch_sharding, replicated, train_step, eval_step, source, lora)
 
 
 class _StopFlag:
@@ -175,7 +184,12 @@ def train(config: TrainConfig, data: DataProvider | None = None, log=print) -> d
         else:
             data = distributed.process_0_first("corpus", lambda: Corpus(config.data, config.seq_len, progress=progress))
     distributed.check_shared_directory(config.output_dir)
-    store = CheckpointStore(config.output_dir, keep=config.keep_checkpoints, async_saves=config.async_checkpoints)
+    store = CheckpointStore(
+        config.output_dir,
+        keep=config.keep_checkpoints,
+        async_saves=config.async_checkpoints,
+        trained_item=run.checkpoint_item,
+    )
     try:
         return _train(run, data, store, start_time, log)
     finally:
@@ -193,6 +207,8 @@ def _train(run: Run, data: DataProvider, store: CheckpointStore, start_time: flo
         global_batch_size=config.batch_size, seed=config.seed, process_index=share_index, process_count=share_count
     )
     store.check_same_model(setup.config)
+    if run.lora:
+        run.lora.check_resumable(store.directory, store.latest_step())
     if process_index == 0:
         # the starting checkpoint's tokenizer and generation assets go along (an SFT run's: its chat data's)
         assets_from = run.source.checkpoint if not isinstance(data, ChatCorpus) else None
@@ -210,10 +226,14 @@ def _train(run: Run, data: DataProvider, store: CheckpointStore, start_time: flo
         )
     elapsed_before = 0.0
     if resume_step is not None:
-        state, meta = store.restore(resume_step, abstract_state(setup, run.tx), run.shardings)
+        state, meta = store.restore(resume_step, run.abstract_state(), run.shardings)
+        if run.lora:
+            state = state.replace(frozen=run.lora.load_base(run.source, config.seed))
         train_iter.set_state(meta["data"])
         elapsed_before = float(meta.get("elapsed", 0.0))
         log(f"qwen2-train: resuming {config.output_dir} from step {resume_step}")
+    elif run.lora:
+        state = run.lora.new_state(run.source, run.tx, config.seed, run.shardings)
     else:
         source = run.source
         params = setup.load_params(source.checkpoint) if source.checkpoint else setup.init_params(config.seed)
@@ -225,6 +245,7 @@ def _train(run: Run, data: DataProvider, store: CheckpointStore, start_time: flo
         f"qwen2-train: {config.model} ({_count(n_params)} params) on mesh "
         f"{' x '.join(f'{k}={v}' for k, v in run.mesh.shape.items())}, {config.batch_size} x {config.seq_len} "
         f"tokens per step, steps {step}..{config.total_steps}"
+        + (f"; LoRA rank {run.lora.lora_config.rank}: {_count(run.lora.count())} trained" if run.lora else "")
     )
     compiled_step = run.compile_train_step()
     logger = MetricsLogger(
@@ -247,6 +268,8 @@ def _train(run: Run, data: DataProvider, store: CheckpointStore, start_time: flo
             "config": config.to_dict(),
         }
         store.save(state, meta, wait=wait)
+        if run.lora:
+            run.lora.save_adapter(store.directory, state.params, lora_setup.base_model_name(config, run.source))
 
     try:
         with _StopFlag() as stop:
@@ -277,7 +300,7 @@ def _train(run: Run, data: DataProvider, store: CheckpointStore, start_time: flo
                     if peak is not None:
                         record["mfu"] = record["tokens_per_second"] * flops_per_token / (peak * jax.device_count())
                     if do_eval:
-                        record.update(evaluate(run, data, state.params))
+                        record.update(evaluate(run, data, state.params, state.frozen))
                     logger.log(step, record)
                     last_metrics = record
                     interval_start, interval_steps = time.perf_counter(), 0
@@ -314,7 +337,7 @@ def _train_record(metrics, tokens_per_second: float) -> dict[str, Any]:
     return record
 
 
-def evaluate(run: Run, data: DataProvider, params) -> dict[str, float]:
+def evaluate(run: Run, data: DataProvider, params, frozen=None) -> dict[str, float]:
     """Mean token loss and perplexity over eval_batches batches of the held-out split (from its start)."""
     config = run.config
     share_index, share_count = process_share(run.batch_sharding, config.batch_size, config.seq_len)
@@ -323,7 +346,7 @@ def evaluate(run: Run, data: DataProvider, params) -> dict[str, float]:
     for i, local in enumerate(it):
         if config.eval_batches and i >= config.eval_batches:
             break
-        s, n = run.eval_step(params, global_batch(local, run.batch_sharding, config.batch_size))
+        s, n = run.eval_step(params, global_batch(local, run.batch_sharding, config.batch_size), frozen)
         loss_sum += float(s)
         tokens += float(n)
     mean = loss_sum / max(tokens, 1.0)

@@ -103,6 +103,7 @@ class ModelSetup:
         scan_unroll: int = 1,
         moe_impl: str = "auto",
         moe_exchange: str = "auto",
+        quantize: str | None = None,
     ):
         self.config = config
         self.mesh = mesh
@@ -115,6 +116,7 @@ class ModelSetup:
             scan_unroll=scan_unroll,
             moe_impl=moe_impl,
             moe_exchange=moe_exchange,
+            quantize=quantize,  # "int8": a frozen LoRA base's kernels (train/lora_setup.py)
             sharding=self.sharding,
         )
         self.param_dtype = self.options.param_dtype

@@ -16,9 +16,16 @@ from train.optimizer import opt_state_shardings
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array  # int32 scalar: optimizer steps taken
-    params: Any
+    params: Any  # what the optimizer trains: the model's params, or a LoRA run's adapters
     opt_state: Any
     rng: jax.Array  # uint32 key data; step s uses fold_in(rng, s)
+    frozen: Any = None  # params the step reads and never updates (a LoRA run's base); None: none
+
+
+def trained_params(params, frozen, rng):
+    """The model params of a full fine-tuning step: the trained params themselves. A LoRA run's
+    `model_params` (train/lora_setup.py) puts its adapters on the frozen base instead."""
+    return params
 
 
 def abstract_state(setup, tx) -> TrainState:
@@ -51,12 +58,16 @@ def new_state(params, tx, seed: int, shardings: TrainState) -> TrainState:
     )
 
 
-def make_train_step(objective: Objective, tx: optax.GradientTransformation, schedule, grad_accum_steps: int):
+def make_train_step(
+    objective: Objective, tx: optax.GradientTransformation, schedule, grad_accum_steps: int, model_params=None
+):
     """step(state, batch) -> (state, metrics). batch: {"input_ids": [B, T], ...} for the whole optimizer
     step; with grad_accum_steps = k it is split into k micro-batches of B/k, whose gradients are summed
-    (a lax.scan: one compiled micro-step)."""
+    (a lax.scan: one compiled micro-step). model_params(state.params, state.frozen, rng): the params
+    the objective runs (default `trained_params`); gradients are taken w.r.t. state.params only."""
     k = grad_accum_steps
     setup = objective.setup
+    model_params = model_params or trained_params
 
     def step(state: TrainState, batch):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -64,7 +75,7 @@ def make_train_step(objective: Objective, tx: optax.GradientTransformation, sche
         total_tokens = jnp.sum(valid_bt).astype(jnp.float32)
 
         def micro_objective(params, micro_batch, micro_rng):
-            terms = objective.terms(params, micro_batch, micro_rng)
+            terms = objective.terms(model_params(params, state.frozen, micro_rng), micro_batch, micro_rng)
             return objective.combine(terms, total_tokens, k), terms
 
         grad_fn = jax.value_and_grad(micro_objective, has_aux=True)
@@ -84,7 +95,11 @@ def make_train_step(objective: Objective, tx: optax.GradientTransformation, sche
             zeros = jax.tree.map(jnp.zeros_like, state.params)
             terms0 = jax.tree.map(
                 lambda x: jnp.zeros(x.shape, x.dtype),
-                jax.eval_shape(lambda: objective.terms(state.params, jax.tree.map(lambda x: x[0], micro_batches))),
+                jax.eval_shape(
+                    lambda: objective.terms(
+                        model_params(state.params, state.frozen, None), jax.tree.map(lambda x: x[0], micro_batches)
+                    )
+                ),
             )
             (grads, value, terms), _ = jax.lax.scan(
                 accumulate, (zeros, jnp.zeros((), jnp.float32), terms0), (micro_batches, jnp.arange(k))
@@ -104,7 +119,7 @@ def make_train_step(objective: Objective, tx: optax.GradientTransformation, sche
             metrics["aux_loss"] = terms["aux_loss"] / k
             if objective.loss.z_loss_coef:
                 metrics["z_loss"] = terms["z_loss"] / k
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng), metrics
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return step
 
@@ -117,11 +132,13 @@ def _split_micro(x, k: int, setup):
     return setup.sharding.constrain(x, (None, "batch", "length") + (None,) * (x.ndim - 3))
 
 
-def make_eval_step(objective: Objective):
-    """eval(params, batch) -> (sum of token losses, counted tokens): mean and perplexity over many batches."""
+def make_eval_step(objective: Objective, model_params=None):
+    """eval(params, batch, frozen) -> (sum of token losses, counted tokens): mean and perplexity over
+    many batches (params, frozen: a TrainState's)."""
+    model_params = model_params or trained_params
 
-    def evaluate(params, batch):
-        terms = objective.terms(params, batch)
+    def evaluate(params, batch, frozen=None):
+        terms = objective.terms(model_params(params, frozen, None), batch)
         return terms["loss_sum"], terms["tokens"]
 
     return evaluate
@@ -133,5 +150,5 @@ def jit_train_step(step_fn, shardings: TrainState, batch_shardings, replicated):
     )
 
 
-def jit_eval_step(eval_fn, param_shardings, batch_shardings, replicated):
-    return jax.jit(eval_fn, in_shardings=(param_shardings, batch_shardings), out_shardings=replicated)
+def jit_eval_step(eval_fn, param_shardings, batch_shardings, replicated, frozen_shardings=None):
+    return jax.jit(eval_fn, in_shardings=(param_shardings, batch_shardings, frozen_shardings), out_shardings=replicated)
