@@ -52,19 +52,19 @@ def new_state(params, tx, seed: int, shardings: TrainState) -> TrainState:
 
 
 def make_train_step(objective: Objective, tx: optax.GradientTransformation, schedule, grad_accum_steps: int):
-    """step(state, batch) -> (state, metrics). batch: {"input_ids": [B, T], ...} for the whole optimizer
-    step; with grad_accum_steps = k it is split into k micro-batches of B/k, whose gradients are summed
-    (a lax.scan: one compiled micro-step)."""
+    """step(state, batch, frozen=None) -> (state, metrics). batch: {"input_ids": [B, T], ...} for the whole
+    optimizer step; with grad_accum_steps = k it is split into k micro-batches of B/k, whose gradients are
+    summed (a lax.scan: one compiled micro-step). frozen: arrays the objective reads but never trains
+    (a DPO reference model), passed through unchanged."""
     k = grad_accum_steps
     setup = objective.setup
 
-    def step(state: TrainState, batch):
+    def step(state: TrainState, batch, frozen=None):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        _, _, _, valid_bt = objective.inputs(batch)
-        total_tokens = jnp.sum(valid_bt).astype(jnp.float32)
+        total_tokens = objective.normalizer(batch)
 
         def micro_objective(params, micro_batch, micro_rng):
-            terms = objective.terms(params, micro_batch, micro_rng)
+            terms = objective.terms(params, micro_batch, micro_rng, frozen)
             return objective.combine(terms, total_tokens, k), terms
 
         grad_fn = jax.value_and_grad(micro_objective, has_aux=True)
@@ -84,7 +84,9 @@ def make_train_step(objective: Objective, tx: optax.GradientTransformation, sche
             zeros = jax.tree.map(jnp.zeros_like, state.params)
             terms0 = jax.tree.map(
                 lambda x: jnp.zeros(x.shape, x.dtype),
-                jax.eval_shape(lambda: objective.terms(state.params, jax.tree.map(lambda x: x[0], micro_batches))),
+                jax.eval_shape(
+                    lambda: objective.terms(state.params, jax.tree.map(lambda x: x[0], micro_batches), None, frozen)
+                ),
             )
             (grads, value, terms), _ = jax.lax.scan(
                 accumulate, (zeros, jnp.zeros((), jnp.float32), terms0), (micro_batches, jnp.arange(k))
@@ -94,16 +96,11 @@ def make_train_step(objective: Objective, tx: optax.GradientTransformation, sche
         params = optax.apply_updates(state.params, updates)
         metrics = {
             "loss": value,
-            "lm_loss": terms["loss_sum"] / jnp.maximum(total_tokens, 1.0),
-            "tokens": total_tokens,
+            **objective.metrics(terms, total_tokens, k),
             "grad_norm": grad_norm,
             "learning_rate": schedule(state.step),
             "finite": jnp.isfinite(value) & jnp.isfinite(grad_norm),
         }
-        if "aux_loss" in terms:
-            metrics["aux_loss"] = terms["aux_loss"] / k
-            if objective.loss.z_loss_coef:
-                metrics["z_loss"] = terms["z_loss"] / k
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng), metrics
 
     return step
@@ -120,18 +117,24 @@ def _split_micro(x, k: int, setup):
 def make_eval_step(objective: Objective):
     """eval(params, batch) -> (sum of token losses, counted tokens): mean and perplexity over many batches."""
 
-    def evaluate(params, batch):
-        terms = objective.terms(params, batch)
-        return terms["loss_sum"], terms["tokens"]
+    def evaluate(params, batch, frozen=None):
+        terms = objective.terms(params, batch, None, frozen)
+        return terms["loss_sum"], objective.normalizer(batch)
 
     return evaluate
 
 
-def jit_train_step(step_fn, shardings: TrainState, batch_shardings, replicated):
+def jit_train_step(step_fn, shardings: TrainState, batch_shardings, replicated, frozen_shardings=None):
+    """frozen_shardings: those of step_fn's third argument, when it takes one."""
+    frozen = () if frozen_shardings is None else (frozen_shardings,)
     return jax.jit(
-        step_fn, in_shardings=(shardings, batch_shardings), out_shardings=(shardings, replicated), donate_argnums=(0,)
+        step_fn,
+        in_shardings=(shardings, batch_shardings, *frozen),
+        out_shardings=(shardings, replicated),
+        donate_argnums=(0,),
     )
 
 
-def jit_eval_step(eval_fn, param_shardings, batch_shardings, replicated):
-    return jax.jit(eval_fn, in_shardings=(param_shardings, batch_shardings), out_shardings=replicated)
+def jit_eval_step(eval_fn, param_shardings, batch_shardings, replicated, frozen_shardings=None):
+    frozen = () if frozen_shardings is None else (frozen_shardings,)
+    return jax.jit(eval_fn, in_shardings=(param_shardings, batch_shardings, *frozen), out_shardings=replicated)
