@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from train.chunked_loss import _chunks, _unchunk, token_cross_entropy
+from train.config import LossConfig
+from train.objective import Objective
 
 
 def chunked_token_logps(hidden_btd, head, logits_fn: Callable, targets_bt, valid_bt, chunk_length: int):
@@ -47,9 +49,6 @@ def batch_token_logps(setup, chunk_length: int, params, batch, rng=None):
     """(per-token log-probabilities [b, t] of a batch's targets, router logits, attention mask [b, t])
     under `params`: the trunk (segment ids keep attention inside each packed sequence), then
     `chunked_token_logps` through the model's own LM head. batch: input_ids, labels, segment_ids."""
-    from train.config import LossConfig
-    from train.objective import Objective
-
     input_ids_bt, mask_bt, targets_bt, valid_bt = Objective(setup, LossConfig()).inputs(batch)
     segment_ids_bt = jnp.asarray(batch["segment_ids"], jnp.int32)
     hidden_btd, router_logits = setup.trunk(params, input_ids_bt, mask_bt, rng=rng, segment_ids_bt=segment_ids_bt)
