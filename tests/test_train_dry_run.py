@@ -258,6 +258,8 @@ RECIPES = [
     ("qwen2-57b-a14b-v5p-128", "v5p-128", needs_libtpu),
     ("qwen2-0.5b-1xh100", "h100:1x1", needs_cuda_aot),
     ("qwen2-7b-8xh100", "h100:1x8", needs_cuda_aot),
+    ("qwen2-7b-sft-8xh100", "h100:1x8", needs_cuda_aot),
+    ("qwen2-7b-dpo-8xh100", "h100:1x8", needs_cuda_aot),
     ("qwen2-72b-64xh100", "h100:8x8", needs_cuda_aot),
 ]
 

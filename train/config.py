@@ -24,7 +24,7 @@ from qwen2_jax.dtypes import PARAM_DTYPE_NAMES
 DTYPES = PARAM_DTYPE_NAMES
 REMAT_POLICIES = ("none", "dots", "full")
 SCHEDULES = ("cosine", "linear", "constant")
-TASKS = ("pretrain", "sft")
+TASKS = ("pretrain", "sft", "dpo")
 TRUNCATION_MODES = ("cut", "drop")
 
 
@@ -78,8 +78,18 @@ class DataConfig:
     cache_dir: str = "~/.cache/qwen2-jax/data"  # prepared token shards, reused across runs
     text_key: str = "text"  # the JSONL field holding the text
     eval_sequences: int | None = None  # held-out rows; None = the pipeline's default fraction
-    packing: bool = True  # sft: several conversations per row, attention kept inside each; false = one per row
-    truncation: str = "cut"  # sft: a conversation longer than seq_len is cut to it, or dropped ("drop")
+    packing: bool = True  # sft/dpo: several conversations (pairs) per row, attention kept inside each; false = one
+    truncation: str = "cut"  # sft/dpo: a conversation (pair) longer than seq_len is cut to fit, or dropped ("drop")
+
+
+@dataclasses.dataclass(frozen=True)
+class DpoConfig:
+    """task dpo (train/dpo_objective.py): the sigmoid DPO loss against a frozen reference model."""
+
+    beta: float = 0.1  # how far the policy may move from the reference
+    reference: str | None = None  # HF or Orbax checkpoint directory; None = the starting model (`model`)
+    label_smoothing: float = 0.0  # the probability that a preference label is flipped (conservative DPO)
+    precompute_reference: bool = False  # reference log-probs once before training; the reference is then freed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +107,7 @@ class LoraSection:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    task: str = "pretrain"  # pretrain (next-token loss on packed text) | sft (chat rows, train/sft_data.py)
+    task: str = "pretrain"  # pretrain (packed text) | sft (chat rows: train/sft_data.py) | dpo (train/dpo_data.py)
     # model
     model: str = "qwen2-0.5b"  # preset name, config.json path, or checkpoint directory to continue from
     model_overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # Qwen2Config fields (fresh init)
@@ -128,6 +138,7 @@ class TrainConfig:
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     lora: LoraSection = dataclasses.field(default_factory=LoraSection)
+    dpo: DpoConfig = dataclasses.field(default_factory=DpoConfig)
 
     @property
     def micro_batch_size(self) -> int:
@@ -332,6 +343,13 @@ def validate(config: TrainConfig) -> None:
         f"must be >= 0 (0 = unchunked), got {config.loss.chunk_length}",
     )
     need(config.loss.z_loss_coef >= 0, "loss.z_loss_coef", f"must be >= 0, got {config.loss.z_loss_coef}")
+    need(config.dpo.beta > 0, "dpo.beta", f"must be > 0, got {config.dpo.beta}")
+    need(
+        0 <= config.dpo.label_smoothing < 0.5,
+        "dpo.label_smoothing",
+        f"must be in [0, 0.5), got {config.dpo.label_smoothing}",
+    )
+    need(config.dpo.reference != "", "dpo.reference", "must name a checkpoint directory (or be left out)")
     _validate_model_overrides(config.model_overrides)
     _validate_lora(config.lora)
 

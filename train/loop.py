@@ -31,6 +31,9 @@ from train import model_setup as ms
 from train.batches import Corpus, DataProvider, global_batch, process_share
 from train.checkpointing import CheckpointStore
 from train.config import TrainConfig
+from train.dpo_data import PreferenceCorpus
+from train.dpo_loss import METRIC_NAMES as DPO_METRICS
+from train.dpo_run import dpo_batch_fields, dpo_objective, start_reference
 from train.metrics import MetricsLogger, peak_flops_per_device, perplexity
 from train.objective import Objective
 from train.optimizer import make_optimizer
@@ -67,21 +70,31 @@ class Run:
     eval_step: Any
     source: ms.ModelSource
     lora: lora_setup.LoraTraining | None = None  # a LoRA run: adapters trained, the base frozen
+    # those of the step's third argument (a DPO reference's own params), when it takes one
+    reference_shardings: Any = None
+
+    @property
+    def takes_reference(self) -> bool:
+        return self.reference_shardings is not None
 
     @property
     def mesh(self):
         return self.setup.mesh
 
     @property
-    def batch_fields(self) -> tuple[str, ...]:
-        """The [batch, seq_len] int32 arrays of a training batch: SFT rows carry their loss labels and
-        the segment ids of their packed conversations."""
-        return SFT_BATCH_FIELDS if self.config.task == "sft" else ("input_ids",)
+    def batch_fields(self) -> dict[str, Any]:
+        """The [batch, seq_len] arrays of a training batch and their dtypes: SFT and DPO rows carry their
+        loss labels and the segment ids of their packed sequences; DPO rows with a precomputed reference
+        its per-token log-probabilities."""
+        if self.config.task == "dpo":
+            return dpo_batch_fields(self.config.dpo)
+        return dict.fromkeys(SFT_BATCH_FIELDS if self.config.task == "sft" else ("input_ids",), jnp.int32)
 
     def abstract_batch(self, rows: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
         rows = self.config.batch_size if rows is None else rows
         shape = (rows, self.config.seq_len)
-        return {f: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self.batch_sharding) for f in self.batch_fields}
+        fields = self.batch_fields.items()
+        return {f: jax.ShapeDtypeStruct(shape, dtype, sharding=self.batch_sharding) for f, dtype in fields}
 
     def abstract_state(self) -> TrainState:
         abstract = self.lora.abstract_state(self.tx) if self.lora else abstract_state(self.setup, self.tx)
@@ -91,8 +104,19 @@ class Run:
     def checkpoint_item(self) -> str:
         return lora_setup.ADAPTERS_ITEM if self.lora else "params"
 
+    def abstract_reference(self) -> tuple:
+        """The step's third argument as shapes (a DPO reference's own params), or nothing."""
+        if not self.takes_reference:
+            return ()
+        params = self.setup.abstract_params()
+        return (
+            jax.tree.map(
+                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params, self.reference_shardings
+            ),
+        )
+
     def compile_train_step(self):
-        return self.train_step.lower(self.abstract_state(), self.abstract_batch()).compile()
+        return self.train_step.lower(self.abstract_state(), self.abstract_batch(), *self.abstract_reference()).compile()
 
 
 def build_run(config: TrainConfig, devices=None) -> Run:
@@ -132,7 +156,9 @@ def build_run(config: TrainConfig, devices=None) -> Run:
     replicated = ms.replicated(mesh)
     shardings = lora.state_shardings(tx, replicated) if lora else state_shardings(setup, tx, replicated)
     batch_sharding = ms.batch_sharding(mesh)
-    objective = Objective(setup, config.loss)
+    objective, reference_shardings = Objective(setup, config.loss), None
+    if config.task == "dpo":
+        objective, reference_shardings = dpo_objective(setup, config, lora)
     model_params = lora.model_params if lora else None
     # one sharding for every field of a batch (input_ids, and attention_mask in held-out batches)
     train_step = jit_train_step(
@@ -140,11 +166,30 @@ def build_run(config: TrainConfig, devices=None) -> Run:
         shardings,
         batch_sharding,
         replicated,
+        reference_shardings,
     )
     eval_step = jit_eval_step(
-        make_eval_step(objective, model_params), shardings.params, batch_sharding, replicated, shardings.frozen
+        make_eval_step(objective, model_params),
+        shardings.params,
+        batch_sharding,
+        replicated,
+        shardings.frozen,
+        reference_shardings,
     )
-    return Run(config, setup, tx, schedule, shardings, batch_sharding, replicated, train_step, eval_step, source, lora)
+    return Run(
+        config,
+        setup,
+        tx,
+        schedule,
+        shardings,
+        batch_sharding,
+        replicated,
+        train_step,
+        eval_step,
+        source,
+        lora,
+        reference_shardings,
+    )
 
 
 class _StopFlag:
@@ -178,9 +223,13 @@ def train(config: TrainConfig, data: DataProvider | None = None, log=print) -> d
     if data is None:
         # process 0 prepares the corpus first; the others then find it (shared filesystem) or make the same
         progress = config.progress and jax.process_index() == 0
+        vocab_size = run.setup.config.vocab_size
         if config.task == "sft":
-            vocab_size = run.setup.config.vocab_size
             data = distributed.process_0_first("corpus", lambda: ChatCorpus(config, run.source.checkpoint, vocab_size))
+        elif config.task == "dpo":
+            data = distributed.process_0_first(
+                "corpus", lambda: PreferenceCorpus(config, run.source.checkpoint, vocab_size)
+            )
         else:
             data = distributed.process_0_first("corpus", lambda: Corpus(config.data, config.seq_len, progress=progress))
     distributed.check_shared_directory(config.output_dir)
@@ -203,17 +252,20 @@ def _train(run: Run, data: DataProvider, store: CheckpointStore, start_time: flo
         log = _quiet
     share_index, share_count = process_share(run.batch_sharding, config.batch_size, config.seq_len)
     local_rows = config.batch_size // share_count
+    # the step's third argument: a DPO reference's params (precomputed: attached to the rows instead)
+    reference = start_reference(run, data, log) if config.task == "dpo" else ()
     train_iter = data.train_iterator(
         global_batch_size=config.batch_size, seed=config.seed, process_index=share_index, process_count=share_count
     )
     store.check_same_model(setup.config)
     if run.lora:
         run.lora.check_resumable(store.directory, store.latest_step())
+    chat_data = isinstance(data, (ChatCorpus, PreferenceCorpus))
     if process_index == 0:
-        # the starting checkpoint's tokenizer and generation assets go along (an SFT run's: its chat data's)
-        assets_from = run.source.checkpoint if not isinstance(data, ChatCorpus) else None
+        # the starting checkpoint's tokenizer and generation assets go along (SFT, DPO: their chat data's)
+        assets_from = run.source.checkpoint if not chat_data else None
         setup.write_checkpoint_files(store.directory, source=f"qwen2-train {config.model}", assets_from=assets_from)
-        if isinstance(data, ChatCorpus):
+        if chat_data:
             data.write_assets(store.directory)
             log(data.summary(config.seq_len, config.data.packing, config.data.truncation))
 
@@ -282,7 +334,7 @@ def _train(run: Run, data: DataProvider, store: CheckpointStore, start_time: flo
                         f"expected {(local_rows, config.seq_len)}"
                     )
                 batch = global_batch(local, run.batch_sharding, config.batch_size)
-                state, metrics = compiled_step(state, batch)
+                state, metrics = compiled_step(state, batch, *reference)
                 step += 1
                 interval_steps += 1
                 if not bool(metrics["finite"]):
@@ -300,7 +352,7 @@ def _train(run: Run, data: DataProvider, store: CheckpointStore, start_time: flo
                     if peak is not None:
                         record["mfu"] = record["tokens_per_second"] * flops_per_token / (peak * jax.device_count())
                     if do_eval:
-                        record.update(evaluate(run, data, state.params, state.frozen))
+                        record.update(evaluate(run, data, state.params, state.frozen, reference))
                     logger.log(step, record)
                     last_metrics = record
                     interval_start, interval_steps = time.perf_counter(), 0
@@ -331,14 +383,15 @@ def _train_record(metrics, tokens_per_second: float) -> dict[str, Any]:
         "grad_norm": float(host["grad_norm"]),
         "tokens_per_second": tokens_per_second,
     }
-    for key in ("aux_loss", "z_loss"):
+    for key in ("aux_loss", "z_loss", *DPO_METRICS):
         if key in host:
             record[key] = float(host[key])
     return record
 
 
-def evaluate(run: Run, data: DataProvider, params, frozen=None) -> dict[str, float]:
-    """Mean token loss and perplexity over eval_batches batches of the held-out split (from its start)."""
+def evaluate(run: Run, data: DataProvider, params, frozen=None, reference=()) -> dict[str, float]:
+    """Mean token loss and perplexity over eval_batches batches of the held-out split (from its start);
+    for DPO the mean pair loss (its "perplexity" is exp of that, and "tokens" counts pairs)."""
     config = run.config
     share_index, share_count = process_share(run.batch_sharding, config.batch_size, config.seq_len)
     it = data.eval_iterator(global_batch_size=config.batch_size, process_index=share_index, process_count=share_count)
@@ -346,7 +399,7 @@ def evaluate(run: Run, data: DataProvider, params, frozen=None) -> dict[str, flo
     for i, local in enumerate(it):
         if config.eval_batches and i >= config.eval_batches:
             break
-        s, n = run.eval_step(params, global_batch(local, run.batch_sharding, config.batch_size), frozen)
+        s, n = run.eval_step(params, global_batch(local, run.batch_sharding, config.batch_size), frozen, *reference)
         loss_sum += float(s)
         tokens += float(n)
     mean = loss_sum / max(tokens, 1.0)

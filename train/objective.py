@@ -41,8 +41,14 @@ class Objective:
         targets_bt, valid_bt = shifted_targets(labels_bt, mask_bt)
         return input_ids_bt, mask_bt, targets_bt, valid_bt
 
-    def terms(self, params, batch, rng=None):
-        """{"loss_sum", "tokens"} and for MoE {"aux_loss", "z_loss"} of one micro-batch."""
+    def normalizer(self, batch):
+        """What the batch's loss is a mean over: its counted tokens."""
+        _, _, _, valid_bt = self.inputs(batch)
+        return jnp.sum(valid_bt).astype(jnp.float32)
+
+    def terms(self, params, batch, rng=None, frozen=None):
+        """{"loss_sum", "tokens"} and for MoE {"aux_loss", "z_loss"} of one micro-batch. frozen: arrays the
+        objective reads but does not train (none here; a DPO reference model's params in train/dpo_objective.py)."""
         setup = self.setup
         input_ids_bt, mask_bt, targets_bt, valid_bt = self.inputs(batch)
         segment_ids_bt = batch.get("segment_ids")
@@ -61,6 +67,15 @@ class Objective:
         if setup.is_moe:
             out["aux_loss"] = setup.aux_loss(router_logits, mask_bt)
             out["z_loss"] = setup.z_loss(router_logits, mask_bt) if self.loss.z_loss_coef else jnp.zeros(())
+        return out
+
+    def metrics(self, terms, total_tokens, num_micro: int):
+        """The step's metrics beyond loss and gradient norm, from the terms summed over micro-batches."""
+        out = {"lm_loss": terms["loss_sum"] / jnp.maximum(total_tokens, 1.0), "tokens": total_tokens}
+        if "aux_loss" in terms:
+            out["aux_loss"] = terms["aux_loss"] / num_micro
+            if self.loss.z_loss_coef:
+                out["z_loss"] = terms["z_loss"] / num_micro
         return out
 
     def combine(self, terms, total_tokens, num_micro: int):

@@ -188,10 +188,16 @@ class ChatCorpus:
 
     def write_assets(self, directory: str) -> None:
         """The tokenizer files, with the chat template this run rendered with, into a checkpoint directory."""
-        copy_assets(str(self.tokenizer_dir), directory)
-        if self.renderer.template.is_fallback and not os.path.isfile(os.path.join(directory, CHAT_TEMPLATE_FILE)):
-            path = os.path.join(directory, TOKENIZER_CONFIG_FILE)
-            with open(path, encoding="utf-8") as f:
-                config = json.load(f)
-            config["chat_template"] = self.renderer.tokenizer.config["chat_template"]
-            atomic.write_json(path, config, indent=2)
+        write_chat_assets(self.tokenizer_dir, self.renderer, directory)
+
+
+def write_chat_assets(tokenizer_dir: Path, renderer: ChatRenderer, directory: str) -> None:
+    """The tokenizer files of tokenizer_dir into a checkpoint directory, with the template `renderer`
+    renders with (Qwen2's ChatML when the tokenizer has none), so the checkpoint chats as trained."""
+    copy_assets(str(tokenizer_dir), directory)
+    if renderer.template.is_fallback and not os.path.isfile(os.path.join(directory, CHAT_TEMPLATE_FILE)):
+        path = os.path.join(directory, TOKENIZER_CONFIG_FILE)
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+        config["chat_template"] = renderer.tokenizer.config["chat_template"]
+        atomic.write_json(path, config, indent=2)

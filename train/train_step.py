@@ -61,21 +61,23 @@ def new_state(params, tx, seed: int, shardings: TrainState) -> TrainState:
 def make_train_step(
     objective: Objective, tx: optax.GradientTransformation, schedule, grad_accum_steps: int, model_params=None
 ):
-    """step(state, batch) -> (state, metrics). batch: {"input_ids": [B, T], ...} for the whole optimizer
-    step; with grad_accum_steps = k it is split into k micro-batches of B/k, whose gradients are summed
-    (a lax.scan: one compiled micro-step). model_params(state.params, state.frozen, rng): the params
-    the objective runs (default `trained_params`); gradients are taken w.r.t. state.params only."""
+    """step(state, batch, reference=None) -> (state, metrics). batch: {"input_ids": [B, T], ...} for the
+    whole optimizer step; with grad_accum_steps = k it is split into k micro-batches of B/k, whose
+    gradients are summed (a lax.scan: one compiled micro-step). model_params(state.params, state.frozen,
+    rng): the params the objective runs (default `trained_params`); gradients are taken w.r.t.
+    state.params only. reference: a DPO reference model's params, read and never trained; without one
+    the objective's reference is state.frozen (a LoRA run's base: the policy with its adapters off)."""
     k = grad_accum_steps
     setup = objective.setup
     model_params = model_params or trained_params
 
-    def step(state: TrainState, batch):
+    def step(state: TrainState, batch, reference=None):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        _, _, _, valid_bt = objective.inputs(batch)
-        total_tokens = jnp.sum(valid_bt).astype(jnp.float32)
+        total_tokens = objective.normalizer(batch)
+        reference = state.frozen if reference is None else reference
 
         def micro_objective(params, micro_batch, micro_rng):
-            terms = objective.terms(model_params(params, state.frozen, micro_rng), micro_batch, micro_rng)
+            terms = objective.terms(model_params(params, state.frozen, micro_rng), micro_batch, micro_rng, reference)
             return objective.combine(terms, total_tokens, k), terms
 
         grad_fn = jax.value_and_grad(micro_objective, has_aux=True)
@@ -97,7 +99,10 @@ def make_train_step(
                 lambda x: jnp.zeros(x.shape, x.dtype),
                 jax.eval_shape(
                     lambda: objective.terms(
-                        model_params(state.params, state.frozen, None), jax.tree.map(lambda x: x[0], micro_batches)
+                        model_params(state.params, state.frozen, None),
+                        jax.tree.map(lambda x: x[0], micro_batches),
+                        None,
+                        reference,
                     )
                 ),
             )
@@ -109,16 +114,11 @@ def make_train_step(
         params = optax.apply_updates(state.params, updates)
         metrics = {
             "loss": value,
-            "lm_loss": terms["loss_sum"] / jnp.maximum(total_tokens, 1.0),
-            "tokens": total_tokens,
+            **objective.metrics(terms, total_tokens, k),
             "grad_norm": grad_norm,
             "learning_rate": schedule(state.step),
             "finite": jnp.isfinite(value) & jnp.isfinite(grad_norm),
         }
-        if "aux_loss" in terms:
-            metrics["aux_loss"] = terms["aux_loss"] / k
-            if objective.loss.z_loss_coef:
-                metrics["z_loss"] = terms["z_loss"] / k
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return step
@@ -133,22 +133,33 @@ def _split_micro(x, k: int, setup):
 
 
 def make_eval_step(objective: Objective, model_params=None):
-    """eval(params, batch, frozen) -> (sum of token losses, counted tokens): mean and perplexity over
-    many batches (params, frozen: a TrainState's)."""
+    """eval(params, batch, frozen, reference=None) -> (sum of losses, what they are a sum over: tokens, or
+    DPO's pairs): a mean over many batches (params, frozen: a TrainState's; reference: as the step's)."""
     model_params = model_params or trained_params
 
-    def evaluate(params, batch, frozen=None):
-        terms = objective.terms(model_params(params, frozen, None), batch)
-        return terms["loss_sum"], terms["tokens"]
+    def evaluate(params, batch, frozen=None, reference=None):
+        reference = frozen if reference is None else reference
+        terms = objective.terms(model_params(params, frozen, None), batch, None, reference)
+        return terms["loss_sum"], objective.normalizer(batch)
 
     return evaluate
 
 
-def jit_train_step(step_fn, shardings: TrainState, batch_shardings, replicated):
+def jit_train_step(step_fn, shardings: TrainState, batch_shardings, replicated, reference_shardings=None):
+    """reference_shardings: those of step_fn's third argument (a DPO reference's params), when it takes one."""
+    reference = () if reference_shardings is None else (reference_shardings,)
     return jax.jit(
-        step_fn, in_shardings=(shardings, batch_shardings), out_shardings=(shardings, replicated), donate_argnums=(0,)
+        step_fn,
+        in_shardings=(shardings, batch_shardings, *reference),
+        out_shardings=(shardings, replicated),
+        donate_argnums=(0,),
     )
 
 
-def jit_eval_step(eval_fn, param_shardings, batch_shardings, replicated, frozen_shardings=None):
-    return jax.jit(eval_fn, in_shardings=(param_shardings, batch_shardings, frozen_shardings), out_shardings=replicated)
+def jit_eval_step(
+    eval_fn, param_shardings, batch_shardings, replicated, frozen_shardings=None, reference_shardings=None
+):
+    reference = () if reference_shardings is None else (reference_shardings,)
+    return jax.jit(
+        eval_fn, in_shardings=(param_shardings, batch_shardings, frozen_shardings, *reference), out_shardings=replicated
+    )
