@@ -57,13 +57,14 @@ test-numerics-isa: $(STAMP)
 AOT_VENV := .venv-aot
 AOT_PY := $(AOT_VENV)/bin/python
 AOT_STAMP := $(AOT_VENV)/.installed
-$(AOT_STAMP): pyproject.toml
+$(AOT_STAMP): pyproject.toml Makefile
 	test -x $(AOT_PY) || $(PYTHON) -m venv $(AOT_VENV)
 	$(AOT_PY) -m pip install --quiet --upgrade pip
-	$(AOT_PY) -m pip install --quiet -e ".[aot-tpu]" "pytest>=8"
+	$(AOT_PY) -m pip install --quiet -e ".[aot-tpu]" "pytest>=8" "pytest-xdist>=3"
 	touch $(AOT_STAMP)
+# one worker per core as in make test: the recipes' compiles for v5p-256 / v5p-128 are independent
 test-aot: $(AOT_STAMP)
-	$(AOT_PY) -m pytest -q -m "" tests/test_train_dry_run.py
+	$(AOT_PY) -m pytest -q -n $(PYTEST_WORKERS) --dist worksteal -m "" tests/test_train_dry_run.py
 
 # `make demo DEMO_ARGS="--keep out/demo"` keeps what it writes (python -m qwen2_jax.demo --help)
 demo: $(BASE_STAMP)

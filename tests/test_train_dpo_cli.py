@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from test_train_cli import _records, _start_and_signal
-from test_train_sft_cli import QUESTIONS, _run, hf_model_dir  # noqa: F401  (a module fixture)
+from test_train_sft_cli import QUESTIONS, _run
 
 METRICS = (
     "rewards/chosen",
@@ -46,7 +46,7 @@ def _pairs():
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory, hf_model_dir):  # noqa: F811
+def workdir(tmp_path_factory, hf_model_dir):
     path = tmp_path_factory.mktemp("dpo")
     with open(path / "pairs.jsonl", "w") as f:
         for row in _pairs():

@@ -13,7 +13,7 @@ import pytest
 from qwen2_jax.config import Qwen2Config
 from qwen2_jax.peft_adapter import CONFIG_FILE, WEIGHTS_FILE, load_peft_adapter
 from test_train_cli import _losses, _records, _start_and_signal
-from test_train_sft_cli import _command, _run, hf_model_dir, workdir  # noqa: F401  (fixtures)
+from test_train_sft_cli import _command, _run, workdir  # noqa: F401  (a module fixture)
 
 LORA = ("lora.rank=8", "lora.alpha=16", "lora.dropout=0.05", "optimizer.learning_rate=5e-2")
 
@@ -26,7 +26,7 @@ def lora_sft_run(workdir):  # noqa: F811
     return output_dir, result.stdout
 
 
-def test_lora_sft_trains_and_writes_a_peft_adapter(lora_sft_run, hf_model_dir):  # noqa: F811
+def test_lora_sft_trains_and_writes_a_peft_adapter(lora_sft_run, hf_model_dir):
     output_dir, stdout = lora_sft_run
     losses = _losses(output_dir)
     assert sorted(losses) == list(range(1, 11))

@@ -46,31 +46,6 @@ def _chat_rows():
 
 
 @pytest.fixture(scope="module")
-def hf_model_dir(tmp_path_factory, hf_tok):
-    """A random tiny Qwen2 in an HF directory, with every parameter random and Qwen2's tokenizer."""
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    from hf_utils import randomize_all
-
-    path = tmp_path_factory.mktemp("tiny-hf")
-    config = Qwen2Config(
-        vocab_size=151680,  # the tokenizer's 151,646 ids, rounded up
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    randomize_all(Qwen2ForCausalLM(config), scale=0.05).save_pretrained(path)
-    hf_tok.save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def workdir(tmp_path_factory, hf_model_dir):
     """A chat JSONL and the run's config file, written as a user would."""
     path = tmp_path_factory.mktemp("sft")
