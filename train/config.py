@@ -106,6 +106,15 @@ class LoraSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class InitSection:
+    """Where a fresh model's parameters come from besides random init (train/upcycle.py)."""
+
+    upcycle_from: str | None = None  # a dense checkpoint (HF or Orbax) to upcycle into the MoE `model`
+    upcycle_shuffle: bool = True  # shuffle each FFN copy's intermediate channels (seeded) so experts differ
+    upcycle_reinit_fraction: float = 0.5  # share of each expert's intermediate channels re-initialised
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     task: str = "pretrain"  # pretrain (packed text) | sft (chat rows: train/sft_data.py) | dpo (train/dpo_data.py)
     # model
@@ -139,6 +148,7 @@ class TrainConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     lora: LoraSection = dataclasses.field(default_factory=LoraSection)
     dpo: DpoConfig = dataclasses.field(default_factory=DpoConfig)
+    init: InitSection = dataclasses.field(default_factory=InitSection)
 
     @property
     def micro_batch_size(self) -> int:
@@ -350,6 +360,9 @@ def validate(config: TrainConfig) -> None:
         f"must be in [0, 0.5), got {config.dpo.label_smoothing}",
     )
     need(config.dpo.reference != "", "dpo.reference", "must name a checkpoint directory (or be left out)")
+    need(config.init.upcycle_from != "", "init.upcycle_from", "must name a dense checkpoint directory (or be left out)")
+    fraction = config.init.upcycle_reinit_fraction
+    need(0 <= fraction <= 1, "init.upcycle_reinit_fraction", f"must be in [0, 1], got {fraction}")
     _validate_model_overrides(config.model_overrides)
     _validate_lora(config.lora)
 

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qwen2_jax.cli_support import UsageError
-from train import distributed, lora_setup
+from train import distributed, lora_setup, upcycle
 from train import model_setup as ms
 from train.batches import Corpus, DataProvider, global_batch, process_share
 from train.checkpointing import CheckpointStore
@@ -123,6 +123,7 @@ def build_run(config: TrainConfig, devices=None) -> Run:
     """Mesh, model, optimizer and the jitted steps; raises UsageError for a mesh or batch that does not fit.
     devices: the mesh's devices when not this job's (the compile-only devices of `--dry-run --topology`)."""
     source = ms.resolve_model(config.model, config.model_overrides)
+    upcycle.check_run(config, source.checkpoint, source.config)
     try:
         mesh = ms.build_mesh(dataclasses.asdict(config.mesh), devices)
     except ms.ShardingError as e:
@@ -263,7 +264,7 @@ def _train(run: Run, data: DataProvider, store: CheckpointStore, start_time: flo
     chat_data = isinstance(data, (ChatCorpus, PreferenceCorpus))
     if process_index == 0:
         # the starting checkpoint's tokenizer and generation assets go along (SFT, DPO: their chat data's)
-        assets_from = run.source.checkpoint if not chat_data else None
+        assets_from = (run.source.checkpoint or config.init.upcycle_from) if not chat_data else None
         setup.write_checkpoint_files(store.directory, source=f"qwen2-train {config.model}", assets_from=assets_from)
         if chat_data:
             data.write_assets(store.directory)
@@ -288,7 +289,12 @@ def _train(run: Run, data: DataProvider, store: CheckpointStore, start_time: flo
         state = run.lora.new_state(run.source, run.tx, config.seed, run.shardings)
     else:
         source = run.source
-        params = setup.load_params(source.checkpoint) if source.checkpoint else setup.init_params(config.seed)
+        if source.checkpoint:
+            params = setup.load_params(source.checkpoint)
+        elif config.init.upcycle_from:
+            params = upcycle.upcycled_params(setup, config.init, config.seed)
+        else:
+            params = setup.init_params(config.seed)
         state = new_state(params, run.tx, config.seed, run.shardings)
     step = int(jax.device_get(state.step))
 
