@@ -342,7 +342,7 @@ class Attention(nn.Module):
             q_inter_btnh = apply_rotary(unrotated_q_btnh, dca.inter_cos_bth, dca.inter_sin_bth)
             out_btnh = dual_chunk.attention(q_btnh, q_succ_btnh, q_inter_btnh, keys, values, dca)
         elif isinstance(mask_b1ts, sequence_parallel.SequenceParallelInputs):
-            out_btnh = sequence_parallel.attention(q_btnh, keys, values, mask_b1ts, h**-0.5, opt.sharding.mesh)
+            out_btnh = sequence_parallel.attention(q_btnh, keys, values, mask_b1ts, h**-0.5, opt.sharding)
         else:
             out_btnh = attention_core(
                 q_btnh, keys, values, mask_b1ts, h**-0.5, None if cache_k_bskh is None else write_index

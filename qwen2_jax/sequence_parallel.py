@@ -8,14 +8,14 @@ every [b, t] input the same way (token ids, positions, attention mask, segment i
 loss is a sum over tokens, so its value does not change, and `from_zigzag` undoes the order of any
 per-token output. Attention masks use each token's true index in the row, never its slot.
 
-Attention. Inside a `jax.shard_map` manual over the sequence axis only (batch, heads and the rest stay
-with the compiler), each device all-gathers the keys and values of the whole row and attends its own
-queries to them. All-gather rather than a ring of `ppermute`s: with grouped-query attention K/V are
-num_key_value_heads / num_attention_heads of the activations (1/7 on Qwen2-7B), so gathering them
-costs little next to the layer's matmuls, and every device can then call the library's fused
-attention (cuDNN on GPU) once per query chunk with a mask: no hand-written online softmax whose
-backward pass would otherwise keep every ring step's scores. The backward pass of the all-gather is a
-reduce-scatter of the K/V gradients, derived by JAX.
+Attention. Inside a `jax.shard_map` (each device on its own rows, heads and chunks), each device
+all-gathers the keys and values of the whole row and attends its own queries to them. All-gather
+rather than a ring of `ppermute`s: with grouped-query attention K/V are num_key_value_heads /
+num_attention_heads of the activations (1/7 on Qwen2-7B), so gathering them costs little next to the
+layer's matmuls, and every device can then call the library's fused attention (cuDNN on GPU) once
+per query chunk with a mask: no hand-written online softmax whose backward pass would otherwise keep
+every ring step's scores. The backward pass of the all-gather is a reduce-scatter of the K/V
+gradients, derived by JAX.
 
 Zig-zag is what keeps this balanced with static shapes: a device's low chunk i < n never sees the
 second half of the row, its high chunk 2n-1-i sees the whole first half and part of the second.
@@ -35,6 +35,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from qwen2_jax.backend import backend
+from qwen2_jax.sharding import ShardingContext
 
 AXIS = "sequence"
 
@@ -95,11 +96,21 @@ def _dot_product_attention(q_btnh, k_bskh, v_bskh, mask_b1ts, scale):
     )
 
 
-def attention(q_btnh, k_btkh, v_btkh, inputs: SequenceParallelInputs, scale: float, mesh):
+def _axes(entry) -> tuple[str, ...]:
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def attention(q_btnh, k_btkh, v_btkh, inputs: SequenceParallelInputs, scale: float, ctx: ShardingContext):
     """Causal attention of zig-zag ordered rows sharded on their length over the mesh's sequence axis:
-    [b, t, n, h] out. Each device gathers all keys and values and attends its two query chunks."""
+    [b, t, n, h] out. Each device gathers all keys and values and attends its two query chunks.
+
+    The shard_map is manual over every mesh axis (batch and heads keep their shardings, each device
+    computes on its own block): the fused cuDNN kernel then sees plain local arrays, where a
+    partly-automatic shard_map would ask its custom partitioner for shardings it cannot read."""
+    mesh = ctx.mesh
     shards = mesh.shape[AXIS]
-    t = q_btnh.shape[1]
+    b, t, n, _ = q_btnh.shape
+    group = n // k_btkh.shape[2]
     if t % (2 * shards):
         raise ValueError(f"sequence length {t} must be divisible by 2 x the sequence axis ({2 * shards})")
     chunk = t // (2 * shards)
@@ -107,9 +118,20 @@ def attention(q_btnh, k_btkh, v_btkh, inputs: SequenceParallelInputs, scale: flo
     key_index_s = jnp.asarray(zigzag_order(t, shards), jnp.int32)
     first_half = shards * chunk  # keys of chunks 0 .. n-1: the low query chunks' only keys
     first_half_index_s = jnp.arange(first_half, dtype=jnp.int32)
+    q_spec = ctx.spec(("batch", "length", "act_heads", None), q_btnh.shape)
+    kv_spec = ctx.spec(("batch", "length", "act_kv_heads", None), k_btkh.shape)
+    row_spec = P(q_spec[0], q_spec[1])
+    q_head_axes, kv_head_axes = _axes(q_spec[2]), _axes(kv_spec[2])
+    # query heads split over an axis that cannot split the (fewer) kv heads: each device picks the kv
+    # head of each of its query heads (grouped-query attention: query head j reads kv head j // group)
+    pick_kv_heads = q_head_axes != kv_head_axes
 
     def body(q_bcnh, k_bckh, v_bckh, valid_bc, seg_bc):
         i = jax.lax.axis_index(AXIS)
+        if pick_kv_heads:
+            n_local = q_bcnh.shape[2]
+            kv_head_n = (jax.lax.axis_index(q_head_axes) * n_local + jnp.arange(n_local)) // group
+            k_bckh, v_bckh = jnp.take(k_bckh, kv_head_n, axis=2), jnp.take(v_bckh, kv_head_n, axis=2)
         k_all = jax.lax.all_gather(k_bckh, AXIS, axis=1, tiled=True)  # [b, t, k, h] in zig-zag order
         v_all = jax.lax.all_gather(v_bckh, AXIS, axis=1, tiled=True)
         valid_all = jax.lax.all_gather(valid_bc, AXIS, axis=1, tiled=True)
@@ -119,10 +141,9 @@ def attention(q_btnh, k_btkh, v_btkh, inputs: SequenceParallelInputs, scale: flo
         high_index_c = (2 * shards - 1 - i) * chunk + offsets
 
         def first_half_of(x_bt):  # device blocks [low chunk, high chunk] -> the low chunks, in row order
-            b = x_bt.shape[0]
-            return x_bt.reshape((b, shards, 2, chunk) + x_bt.shape[2:])[:, :, 0].reshape(
-                (b, first_half) + x_bt.shape[2:]
-            )
+            rows = x_bt.shape[0]
+            x = x_bt.reshape((rows, shards, 2, chunk) + x_bt.shape[2:])[:, :, 0]
+            return x.reshape((rows, first_half) + x_bt.shape[2:])
 
         def mask(q_index_c, q_seg_bc, k_index_s, k_valid_bs, k_seg_bs):
             allowed_bcs = (k_index_s[None, None, :] <= q_index_c[None, :, None]) & k_valid_bs[:, None, :]
@@ -137,8 +158,11 @@ def attention(q_btnh, k_btkh, v_btkh, inputs: SequenceParallelInputs, scale: flo
         high_out = _dot_product_attention(q_bcnh[:, chunk:], k_all, v_all, high_mask, scale)
         return jnp.concatenate([low_out, high_out], axis=1).astype(q_bcnh.dtype)
 
-    row = P(None, AXIS)
     fn = jax.shard_map(
-        body, mesh=mesh, in_specs=(row, row, row, row, row), out_specs=row, axis_names={AXIS}, check_vma=False
+        body,
+        mesh=mesh,
+        in_specs=(q_spec, kv_spec, kv_spec, row_spec, row_spec),
+        out_specs=q_spec,
+        check_vma=False,
     )
     return fn(q_btnh, k_btkh, v_btkh, inputs.valid_bt, inputs.segment_ids_bt)

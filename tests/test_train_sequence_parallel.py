@@ -114,6 +114,7 @@ def test_zigzag_order_gives_each_device_chunks_i_and_2n_minus_1_minus_i():
     [
         {"sequence": 4, "data": 2},
         {"sequence": 2, "tensor": 2, "fsdp": 2},
+        {"sequence": 2, "tensor": 4},  # 4 query heads split, 2 kv heads not: each device picks its kv heads
         pytest.param({"sequence": 8}, marks=pytest.mark.slow),
     ],
     ids=lambda m: "x".join(f"{k}{v}" for k, v in m.items()),
