@@ -261,6 +261,7 @@ RECIPES = [
     ("qwen2-7b-8xh100", "h100:1x8", needs_cuda_aot),
     ("qwen2-7b-sft-8xh100", "h100:1x8", needs_cuda_aot),
     ("qwen2-7b-dpo-8xh100", "h100:1x8", needs_cuda_aot),
+    ("qwen2-7b-32k-8xh100", "h100:1x8", needs_cuda_aot),
     ("qwen2-72b-64xh100", "h100:8x8", needs_cuda_aot),
 ]
 
