@@ -181,11 +181,12 @@ def _logged(output_dir):
 
 
 def test_train_logs_the_losses_of_one_device(tmp_path):
-    """train() with mesh.sequence=4 (x data 2) logs the losses and gradient norms of plain data
-    parallelism (mesh.data=8 over 8 rows: what one device computes, up to summation order)."""
+    """train() with mesh.sequence=4 (x data 2; full remat, 2 micro-batches) logs the losses and gradient
+    norms of plain data parallelism (mesh.data=8 over 8 rows: what one device computes, up to
+    summation order)."""
     data = SyntheticData(TINY_MODEL["vocab_size"], SEQ)
     base = _config(tmp_path, "base", "mesh.data=8")
-    parallel = _config(tmp_path, "seq", "mesh.data=2", "mesh.sequence=4")
+    parallel = _config(tmp_path, "seq", "mesh.data=2", "mesh.sequence=4", "remat=full", "grad_accum_steps=2")
     train(base, data=data, log=lambda *a: None)
     train(parallel, data=data, log=lambda *a: None)
     ref, got = _logged(base.output_dir), _logged(parallel.output_dir)
