@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qwen2_jax import dual_chunk, lora
+from qwen2_jax import dual_chunk, lora, sequence_parallel
 from qwen2_jax.backend import backend
 from qwen2_jax.config import Qwen2Config
 from qwen2_jax.matmul import Int8Kernel, apply_kernel
@@ -341,6 +341,8 @@ class Attention(nn.Module):
             q_succ_btnh = apply_rotary(unrotated_q_btnh, dca.succ_cos_bth, dca.succ_sin_bth)
             q_inter_btnh = apply_rotary(unrotated_q_btnh, dca.inter_cos_bth, dca.inter_sin_bth)
             out_btnh = dual_chunk.attention(q_btnh, q_succ_btnh, q_inter_btnh, keys, values, dca)
+        elif isinstance(mask_b1ts, sequence_parallel.SequenceParallelInputs):
+            out_btnh = sequence_parallel.attention(q_btnh, keys, values, mask_b1ts, h**-0.5, opt.sharding)
         else:
             out_btnh = attention_core(
                 q_btnh, keys, values, mask_b1ts, h**-0.5, None if cache_k_bskh is None else write_index

@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qwen2_jax import cpu_kernels, dual_chunk
+from qwen2_jax import cpu_kernels, dual_chunk, sequence_parallel
 from qwen2_jax.backend import backend
 from qwen2_jax.config import Qwen2Config
 from qwen2_jax.kv_cache import KVCache
@@ -138,13 +138,15 @@ class Qwen2ForCausalLM(nn.Module):
         output_router_logits: bool = False,
         return_logits: bool = True,
         segment_ids_bt=None,
+        sequence_parallel_rows: bool = False,
     ):
         """Returns a dict: logits [b, t, vocab] float32 (or [b, 1, vocab] at `logits_index_b`; with
         return_logits=False, `final_hidden` [b, t, d] after the final norm instead), and `cache`,
         `hidden_states` (HF's convention: embeddings, each layer's output, the last one after the
         final norm), `router_logits` when asked. `segment_ids_bt` (uncached only): packed rows, a
         document number per token; attention stays inside each document (positions are the caller's:
-        `positions_from_segments`)."""
+        `positions_from_segments`). sequence_parallel_rows (uncached training): every [b, t] input is in
+        zig-zag order over the mesh's `sequence` axis (`qwen2_jax.sequence_parallel`), and so is the output."""
         cfg, opt = self.config, self.options
         embedding = param(
             self,
@@ -169,7 +171,12 @@ class Qwen2ForCausalLM(nn.Module):
         else:
             k_pos_bs = write_at(cache.pos, new_pos_bt, write_index)
             k_slot_s = jnp.arange(cache.num_slots)
-        if ordinary:
+        if sequence_parallel_rows:
+            _check_sequence_parallel(cfg, opt, cache, ordinary)
+            # the rows' token validity and documents take the mask's place: each device builds the mask
+            # of its own queries against the gathered keys (qwen2_jax/sequence_parallel.py)
+            mask_full = sequence_parallel.make_inputs(attention_mask_bt, segment_ids_bt)
+        elif ordinary:
             mask_full = attention_mask(q_slot, positions_bt, k_slot_s, k_pos_bs, None)
         else:
             if segment_ids_bt is not None:
@@ -189,7 +196,7 @@ class Qwen2ForCausalLM(nn.Module):
             if any(cfg.layer_is_sliding)
             else None
         )
-        if segment_ids_bt is not None:
+        if segment_ids_bt is not None and not sequence_parallel_rows:
             if cache is not None:
                 raise ValueError("segment_ids_bt are for an uncached forward (packed training rows)")
             same_document = segment_mask(segment_ids_bt, segment_ids_bt)
@@ -273,6 +280,16 @@ class Qwen2ForCausalLM(nn.Module):
             x_btd, one = layer(x_btd, cos_bth, sin_bth, mask, None, write_index, False, *caches)
             _collect(outs, one, None)
         return x_btd, outs
+
+
+def _check_sequence_parallel(cfg: Qwen2Config, opt: RunOptions, cache, ordinary: bool) -> None:
+    mesh = opt.sharding.mesh if opt.sharding is not None else None
+    if mesh is None or mesh.shape.get(sequence_parallel.AXIS, 1) == 1:
+        raise ValueError("sequence_parallel_rows needs a mesh with a sequence axis larger than 1")
+    if cache is not None:
+        raise ValueError("sequence parallelism is for an uncached forward (training rows)")
+    if not ordinary or any(cfg.layer_is_sliding):
+        raise ValueError("sequence parallelism runs full causal attention only (no sliding window, no dual chunk)")
 
 
 def _new_outputs(x_btd) -> dict[str, list]:

@@ -17,16 +17,20 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
+# `sequence` (context parallelism, qwen2_jax/sequence_parallel.py) sits next to `tensor`, the two axes
+# that exchange activations inside every layer, so both land on the most closely linked devices.
+MESH_AXES = ("data", "fsdp", "expert", "sequence", "tensor")
 
 # Logical axis -> mesh axes, in order. Parameters shard their `embed` dim over fsdp (ZeRO-3 style)
 # and their head / MLP / vocab dims over tensor; activations shard the batch over every axis that
-# does not split the model's features.
+# does not split the model's features, and their length over `sequence`. The sequence axis also
+# shards the parameters' `embed` dim, as fsdp does: each of its devices holds a different part of
+# every sequence, so it needs all of the model, and would otherwise hold a full copy of it.
 LOGICAL_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     # parameters
     ("layers", ()),
     ("vocab", ("tensor",)),
-    ("embed", ("fsdp",)),
+    ("embed", ("fsdp", "sequence")),
     ("q_heads", ("tensor",)),
     ("kv_heads", ("tensor",)),
     ("head_dim", ()),
@@ -37,7 +41,7 @@ LOGICAL_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("router", ()),
     # activations
     ("batch", ("data", "fsdp", "expert")),
-    ("length", ()),
+    ("length", ("sequence",)),
     ("act_embed", ()),
     ("act_heads", ("tensor",)),
     ("act_kv_heads", ("tensor",)),
@@ -67,15 +71,21 @@ def validate_rules(rules) -> dict[str, tuple[str, ...]]:
 
 
 def make_mesh(
-    data: int = 1, fsdp: int = 1, expert: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None
+    data: int = 1,
+    fsdp: int = 1,
+    expert: int = 1,
+    tensor: int = 1,
+    devices: Sequence[jax.Device] | None = None,
+    *,
+    sequence: int = 1,
 ) -> Mesh:
-    """A mesh over (data, fsdp, expert, tensor); one size may be -1 (= all remaining devices).
+    """A mesh over (data, fsdp, expert, sequence, tensor); one size may be -1 (= all remaining devices).
 
     Axis types are set explicitly to Auto: GSPMD propagates shardings from the parameters and
     the logical constraints, whatever JAX's default for `make_mesh` is.
     """
     devices = list(devices) if devices is not None else jax.devices()
-    sizes = {"data": data, "fsdp": fsdp, "expert": expert, "tensor": tensor}
+    sizes = {"data": data, "fsdp": fsdp, "expert": expert, "sequence": sequence, "tensor": tensor}
     for name, size in sizes.items():
         if not isinstance(size, int) or (size < 1 and size != -1):
             raise ShardingError(f"mesh axis {name} must be a positive integer or -1, got {size!r}")

@@ -81,5 +81,5 @@ def test_impossible_meshes_are_refused():
     with pytest.raises(ShardingError, match="positive integer or -1"):
         make_mesh(fsdp=0)
     mesh = make_mesh(fsdp=2, tensor=-1)
-    assert dict(mesh.shape) == {"data": 1, "fsdp": 2, "expert": 1, "tensor": 4}
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 2, "expert": 1, "sequence": 1, "tensor": 4}
     assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)

@@ -50,7 +50,7 @@ def test_yaml_and_overrides(tmp_path):
     assert cfg.data.sources == ("a.txt", "b.jsonl")
     assert cfg.model_overrides == {"num_hidden_layers": 2}
     assert cfg.loss.aux_loss_coef == 0.01
-    assert cfg.to_dict()["mesh"] == {"data": 1, "fsdp": 2, "expert": 1, "tensor": 2}
+    assert cfg.to_dict()["mesh"] == {"data": 1, "fsdp": 2, "expert": 1, "tensor": 2, "sequence": 1}
 
 
 @pytest.mark.parametrize(

@@ -63,7 +63,8 @@ def test_cpu_topology_is_labelled_approximate(capsys):
     rc, r = _json(capsys, "--topology", "cpu:8", "--set", "mesh.data=4", "--set", "mesh.fsdp=2", *SMALL)
     assert rc == 0 and r["fits"] is None  # a CPU has no device memory to hold the step against
     d = r["per_device"]
-    assert r["approximate"] and r["devices"] == 8 and r["mesh"] == {"data": 4, "fsdp": 2, "expert": 1, "tensor": 1}
+    assert r["approximate"] and r["devices"] == 8
+    assert r["mesh"] == {"data": 4, "fsdp": 2, "expert": 1, "sequence": 1, "tensor": 1}
     # the state's bytes from its shapes and shardings are the compiler's arguments (plus step and rng key)
     assert 0 <= d["arguments"] - (d["parameters"] + d["optimizer_state"] + d["batch"]) <= 64
     assert d["peak"] == d["arguments"] + d["outputs"] - d["aliased"] + d["temporaries"]
@@ -260,6 +261,7 @@ RECIPES = [
     ("qwen2-7b-8xh100", "h100:1x8", needs_cuda_aot),
     ("qwen2-7b-sft-8xh100", "h100:1x8", needs_cuda_aot),
     ("qwen2-7b-dpo-8xh100", "h100:1x8", needs_cuda_aot),
+    ("qwen2-7b-32k-8xh100", "h100:1x8", needs_cuda_aot),
     ("qwen2-72b-64xh100", "h100:8x8", needs_cuda_aot),
 ]
 

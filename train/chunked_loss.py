@@ -48,44 +48,64 @@ def token_cross_entropy(logits_btv, targets_bt):
     return jax.nn.logsumexp(logits_btv, axis=-1) - label_logit_bt
 
 
-def chunked_cross_entropy(hidden_btd, head, logits_fn: Callable, targets_bt, valid_bt, chunk_length: int):
+def chunked_cross_entropy(
+    hidden_btd, head, logits_fn: Callable, targets_bt, valid_bt, chunk_length: int, shards: int = 1
+):
     """(sum of token losses, number of counted tokens) over all positions.
 
     logits_fn(hidden [b, c, d], head) -> float32 logits [b, c, vocab]. chunk_length 0 (or >= length)
-    takes all positions as one chunk; otherwise it must divide the sequence length."""
-    t = hidden_btd.shape[1]
+    takes all positions as one chunk; otherwise it must divide the sequence length. shards: the rows
+    are split on their length over this many devices (the mesh's sequence axis), contiguous blocks:
+    a chunk then takes chunk_length / shards positions from each block, so that every device works
+    on its own positions in every step."""
+    chunk_length = loss_chunk_length(hidden_btd.shape[1], chunk_length, shards)
+    count = jnp.sum(valid_bt).astype(jnp.float32)
+    return _fused_loss(logits_fn, chunk_length, shards, hidden_btd, head, targets_bt, valid_bt), count
+
+
+def loss_chunk_length(t: int, chunk_length: int, shards: int = 1) -> int:
+    """The chunk length to use for rows of t positions (all of them for 0), checked."""
     if chunk_length <= 0 or chunk_length >= t:
         chunk_length = t
     if t % chunk_length:
         raise ValueError(f"loss chunk_length {chunk_length} must divide the sequence length {t}")
-    count = jnp.sum(valid_bt).astype(jnp.float32)
-    return _fused_loss(logits_fn, chunk_length, hidden_btd, head, targets_bt, valid_bt), count
+    if chunk_length % shards:
+        raise ValueError(f"loss chunk_length {chunk_length} must be divisible by the sequence axis ({shards})")
+    return chunk_length
 
 
-def _chunks(x, chunk_length):
-    """[b, t, ...] -> [n, b, c, ...]: the batch dimension keeps its sharding; a scan step is a chunk."""
+def _chunks(x, chunk_length, shards: int = 1):
+    """[b, t, ...] -> [n, b, c, ...]: the batch dimension keeps its sharding; a scan step is a chunk.
+    With shards > 1, chunk j is the j-th c / shards positions of each of the shards' blocks of t / shards."""
     b, t = x.shape[:2]
-    return jnp.moveaxis(x.reshape((b, t // chunk_length, chunk_length) + x.shape[2:]), 1, 0)
+    if shards == 1:
+        return jnp.moveaxis(x.reshape((b, t // chunk_length, chunk_length) + x.shape[2:]), 1, 0)
+    per_shard = chunk_length // shards
+    x = x.reshape((b, shards, t // chunk_length, per_shard) + x.shape[2:])
+    return jnp.moveaxis(x, 2, 0).reshape((t // chunk_length, b, chunk_length) + x.shape[4:])
 
 
-def _unchunk(x):
+def _unchunk(x, shards: int = 1):
     n, b, c = x.shape[:3]
-    return jnp.moveaxis(x, 0, 1).reshape((b, n * c) + x.shape[3:])
+    if shards == 1:
+        return jnp.moveaxis(x, 0, 1).reshape((b, n * c) + x.shape[3:])
+    x = x.reshape((n, b, shards, c // shards) + x.shape[3:])
+    return jnp.moveaxis(x, 0, 2).reshape((b, n * c) + x.shape[4:])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _fused_loss(logits_fn, chunk_length, hidden_btd, head, targets_bt, valid_bt):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _fused_loss(logits_fn, chunk_length, shards, hidden_btd, head, targets_bt, valid_bt):
     def body(total, chunk):
         hidden_bcd, targets_bc, valid_bc = chunk
         token_loss_bc = token_cross_entropy(logits_fn(hidden_bcd, head), targets_bc)
         return total + jnp.sum(jnp.where(valid_bc, token_loss_bc, 0.0)), None
 
-    xs = (_chunks(hidden_btd, chunk_length), _chunks(targets_bt, chunk_length), _chunks(valid_bt, chunk_length))
+    xs = tuple(_chunks(a, chunk_length, shards) for a in (hidden_btd, targets_bt, valid_bt))
     total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), xs)
     return total
 
 
-def _fused_loss_fwd(logits_fn, chunk_length, hidden_btd, head, targets_bt, valid_bt):
+def _fused_loss_fwd(logits_fn, chunk_length, shards, hidden_btd, head, targets_bt, valid_bt):
     """The loss, and its gradients with respect to hidden states and head (for a cotangent of 1)."""
 
     def body(carry, chunk):
@@ -104,13 +124,13 @@ def _fused_loss_fwd(logits_fn, chunk_length, hidden_btd, head, targets_bt, valid
         hidden_grad_bcd, head_grad_chunk = logits_vjp(dlogits_bcv)
         return (total, head_grad + head_grad_chunk.astype(jnp.float32)), hidden_grad_bcd
 
-    xs = (_chunks(hidden_btd, chunk_length), _chunks(targets_bt, chunk_length), _chunks(valid_bt, chunk_length))
+    xs = tuple(_chunks(a, chunk_length, shards) for a in (hidden_btd, targets_bt, valid_bt))
     init = (jnp.zeros((), jnp.float32), jnp.zeros(head.shape, jnp.float32))
     (total, head_grad), hidden_grad = jax.lax.scan(body, init, xs)
-    return total, (_unchunk(hidden_grad), head_grad.astype(head.dtype), targets_bt, valid_bt)
+    return total, (_unchunk(hidden_grad, shards), head_grad.astype(head.dtype), targets_bt, valid_bt)
 
 
-def _fused_loss_bwd(logits_fn, chunk_length, residuals, g):
+def _fused_loss_bwd(logits_fn, chunk_length, shards, residuals, g):
     hidden_grad, head_grad, targets_bt, valid_bt = residuals
     return (
         (g * hidden_grad).astype(hidden_grad.dtype),

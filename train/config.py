@@ -40,6 +40,7 @@ class MeshConfig:
     fsdp: int = 1
     expert: int = 1
     tensor: int = 1
+    sequence: int = 1  # context parallelism: each sequence split over this many devices (zig-zag order)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -325,10 +326,11 @@ def validate(config: TrainConfig) -> None:
     need(config.seed >= 0, "seed", f"must be >= 0, got {config.seed}")
     need(bool(config.model), "model", "must name a preset, a config.json or a checkpoint directory")
     need(bool(config.output_dir), "output_dir", "must not be empty")
-    for axis in ("data", "fsdp", "expert", "tensor"):
+    axes = ("data", "fsdp", "expert", "sequence", "tensor")
+    for axis in axes:
         size = getattr(config.mesh, axis)
         need(size >= 1 or size == -1, f"mesh.{axis}", f"must be a positive integer or -1, got {size}")
-    free = [a for a in ("data", "fsdp", "expert", "tensor") if getattr(config.mesh, a) == -1]
+    free = [a for a in axes if getattr(config.mesh, a) == -1]
     need(
         len(free) <= 1,
         f"mesh.{free[-1] if free else 'data'}",

@@ -139,6 +139,7 @@ def build_run(config: TrainConfig, devices=None) -> Run:
             f"batch_size {config.batch_size}{micro} is not divisible by the data-parallel mesh axes "
             f"(data x fsdp x expert = {ways})"
         )
+    _check_sequence_axis(config, source.config, mesh.shape.get("sequence", 1))
     processes = jax.process_count() if devices is None else len({d.process_index for d in devices})
     if config.batch_size % processes:
         raise UsageError(f"batch_size {config.batch_size} is not divisible by the {processes} processes")
@@ -191,6 +192,24 @@ def build_run(config: TrainConfig, devices=None) -> Run:
         lora,
         reference_shardings,
     )
+
+
+def _check_sequence_axis(config: TrainConfig, model, shards: int) -> None:
+    """What context parallelism (mesh.sequence > 1, qwen2_jax/sequence_parallel.py) cannot run."""
+    if shards == 1:
+        return
+    if config.seq_len % (2 * shards):
+        raise UsageError(
+            f"seq_len {config.seq_len} is not divisible by 2 x mesh.sequence ({2 * shards}): each of the "
+            f"{shards} devices holds two equal chunks of every sequence"
+        )
+    chunk = config.loss.chunk_length if 0 < config.loss.chunk_length < config.seq_len else config.seq_len
+    if chunk % shards:
+        raise UsageError(f"loss.chunk_length {chunk} is not divisible by mesh.sequence ({shards})")
+    if model.num_experts > 0 and any(model.is_sparse_layer(i) for i in range(model.num_hidden_layers)):
+        raise UsageError("mesh.sequence > 1 runs dense models only (this one has MoE layers)")
+    if any(model.layer_is_sliding) or model.dual_chunk_attention is not None:
+        raise UsageError("mesh.sequence > 1 runs full causal attention only (no sliding window, no dual chunk)")
 
 
 class _StopFlag:

@@ -23,6 +23,8 @@ from qwen2_jax.moe import load_balancing_loss, router_z_loss
 from qwen2_jax.options import RunOptions
 from qwen2_jax.orbax_checkpoint import is_orbax_checkpoint, params_handler, params_save_args, write_checkpoint_files
 from qwen2_jax.params import abstract_params, init_params, param_shardings
+from qwen2_jax.sequence_parallel import AXIS as SEQUENCE_AXIS
+from qwen2_jax.sequence_parallel import from_zigzag, to_zigzag
 from qwen2_jax.sharding import MESH_AXES, ShardingContext, ShardingError, make_mesh
 
 
@@ -66,7 +68,7 @@ def resolve_model(spec: str, overrides: dict[str, Any] | None = None) -> ModelSo
 def build_mesh(sizes: dict[str, int], devices=None) -> Mesh:
     """Mesh over all devices of all processes (or the given ones, e.g. a TPU topology's compile-only
     devices); ShardingError when the sizes do not fit the device count."""
-    return make_mesh(**{a: sizes[a] for a in MESH_AXES}, devices=devices)
+    return make_mesh(**{a: sizes.get(a, 1) for a in MESH_AXES}, devices=devices)
 
 
 def batch_axes_size(mesh: Mesh) -> int:
@@ -122,6 +124,8 @@ class ModelSetup:
         self.param_dtype = self.options.param_dtype
         self.dtype = self.options.compute_dtype
         self.module = Qwen2ForCausalLM(config, self.options)
+        # context parallelism: rows split over this many devices, in zig-zag order inside the model
+        self.sequence_shards = mesh.shape.get(SEQUENCE_AXIS, 1)
 
     @property
     def is_moe(self) -> bool:
@@ -157,11 +161,20 @@ class ModelSetup:
         LM head, which the chunked loss applies itself. rng feeds the "dropout" stream (Qwen2 has no
         dropout in training today; the stream is there so a model that gains one gets its key).
         segment_ids_bt: packed rows (several documents per row, 0 = padding): attention stays inside
-        each document and positions restart at its first token."""
+        each document and positions restart at its first token. On a mesh with a sequence axis the
+        hidden states come back in zig-zag order (`to_sequence_order`: what the loss's targets need)."""
         if segment_ids_bt is None:
             positions_bt = positions_from_mask(attention_mask_bt)
         else:
             positions_bt = positions_from_segments(segment_ids_bt)
+        parallel = self.sequence_shards > 1
+        if parallel:  # positions and masks from the row order above, then every input permuted alike
+            input_ids_bt, attention_mask_bt, positions_bt = (
+                self.to_sequence_order(a) for a in (input_ids_bt, attention_mask_bt, positions_bt)
+            )
+            if segment_ids_bt is not None:
+                segment_ids_bt = self.to_sequence_order(segment_ids_bt)
+        extra = {"sequence_parallel_rows": True} if parallel else {}
         out = self.module.apply(
             {"params": params},
             input_ids_bt,
@@ -171,8 +184,23 @@ class ModelSetup:
             return_logits=False,
             rngs={"dropout": rng} if rng is not None else None,
             segment_ids_bt=segment_ids_bt,
+            **extra,
         )
         return out["final_hidden"], tuple(out.get("router_logits", ()))
+
+    def to_sequence_order(self, x_bt):
+        """[b, t, ...] in the order the trunk's outputs come in: zig-zag over the sequence axis (that
+        axis's devices each hold two chunks of every row, balancing causal attention); unchanged without one."""
+        if self.sequence_shards == 1:
+            return x_bt
+        axes = ("batch", "length") + (None,) * (x_bt.ndim - 2)
+        return self.sharding.constrain(to_zigzag(x_bt, self.sequence_shards), axes)
+
+    def from_sequence_order(self, x_bt):
+        """The inverse of `to_sequence_order`: per-token outputs of the trunk back in row order."""
+        if self.sequence_shards == 1:
+            return x_bt
+        return from_zigzag(x_bt, self.sequence_shards)
 
     def lm_head(self, params):
         """The output projection as stored: the embedding [vocab, d] when tied, else lm_head [d, vocab]."""

@@ -56,12 +56,15 @@ class Objective:
             segment_ids_bt = jnp.asarray(segment_ids_bt, jnp.int32)
         hidden_btd, router_logits = setup.trunk(params, input_ids_bt, mask_bt, rng=rng, segment_ids_bt=segment_ids_bt)
         head = setup.lm_head(params)
+        # the trunk's rows come in its sequence order (zig-zag over a sequence axis): the targets follow,
+        # and the loss, a sum over tokens, is the same
+        targets_bt, valid_bt = setup.to_sequence_order(targets_bt), setup.to_sequence_order(valid_bt)
 
         def logits_fn(hidden_bcd, head):
             return setup.logits(setup.constrain_hidden(hidden_bcd), head)
 
         loss_sum, tokens = chunked_cross_entropy(
-            hidden_btd, head, logits_fn, targets_bt, valid_bt, self.loss.chunk_length
+            hidden_btd, head, logits_fn, targets_bt, valid_bt, self.loss.chunk_length, setup.sequence_shards
         )
         out = {"loss_sum": loss_sum, "tokens": tokens}
         if setup.is_moe:

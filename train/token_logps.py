@@ -15,21 +15,20 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from train.chunked_loss import _chunks, _unchunk, token_cross_entropy
+from train.chunked_loss import _chunks, _unchunk, loss_chunk_length, token_cross_entropy
 from train.config import LossConfig
 from train.objective import Objective
 
 
-def chunked_token_logps(hidden_btd, head, logits_fn: Callable, targets_bt, valid_bt, chunk_length: int):
+def chunked_token_logps(
+    hidden_btd, head, logits_fn: Callable, targets_bt, valid_bt, chunk_length: int, shards: int = 1
+):
     """float32 [b, t]: log softmax(logits[b, t])[targets[b, t]] where valid, 0 elsewhere.
 
     logits_fn(hidden [b, c, d], head) -> float32 logits [b, c, vocab]. chunk_length 0 (or >= length)
-    takes all positions as one chunk; otherwise it must divide the sequence length."""
-    t = hidden_btd.shape[1]
-    if chunk_length <= 0 or chunk_length >= t:
-        chunk_length = t
-    if t % chunk_length:
-        raise ValueError(f"loss chunk_length {chunk_length} must divide the sequence length {t}")
+    takes all positions as one chunk; otherwise it must divide the sequence length. shards: as
+    `chunked_cross_entropy`'s."""
+    chunk_length = loss_chunk_length(hidden_btd.shape[1], chunk_length, shards)
 
     @jax.checkpoint
     def chunk_logps(hidden_bcd, head, targets_bc, valid_bc):
@@ -40,9 +39,9 @@ def chunked_token_logps(hidden_btd, head, logits_fn: Callable, targets_bt, valid
         hidden_bcd, targets_bc, valid_bc = chunk
         return carry, chunk_logps(hidden_bcd, head, targets_bc, valid_bc)
 
-    xs = (_chunks(hidden_btd, chunk_length), _chunks(targets_bt, chunk_length), _chunks(valid_bt, chunk_length))
+    xs = tuple(_chunks(a, chunk_length, shards) for a in (hidden_btd, targets_bt, valid_bt))
     _, logps_nbc = jax.lax.scan(body, None, xs)
-    return _unchunk(logps_nbc)
+    return _unchunk(logps_nbc, shards)
 
 
 def batch_token_logps(setup, chunk_length: int, params, batch, rng=None):
@@ -52,9 +51,12 @@ def batch_token_logps(setup, chunk_length: int, params, batch, rng=None):
     input_ids_bt, mask_bt, targets_bt, valid_bt = Objective(setup, LossConfig()).inputs(batch)
     segment_ids_bt = jnp.asarray(batch["segment_ids"], jnp.int32)
     hidden_btd, router_logits = setup.trunk(params, input_ids_bt, mask_bt, rng=rng, segment_ids_bt=segment_ids_bt)
+    targets_bt, valid_bt = setup.to_sequence_order(targets_bt), setup.to_sequence_order(valid_bt)
 
     def logits_fn(hidden_bcd, head):
         return setup.logits(setup.constrain_hidden(hidden_bcd), head)
 
-    logps_bt = chunked_token_logps(hidden_btd, setup.lm_head(params), logits_fn, targets_bt, valid_bt, chunk_length)
-    return logps_bt, router_logits, mask_bt
+    logps_bt = chunked_token_logps(
+        hidden_btd, setup.lm_head(params), logits_fn, targets_bt, valid_bt, chunk_length, setup.sequence_shards
+    )
+    return setup.from_sequence_order(logps_bt), router_logits, mask_bt
