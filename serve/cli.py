@@ -68,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# `sequence` splits training rows across devices (context parallelism); decoding one token per step has
+# no sequence to split, so the server takes the other axes only.
+SERVE_MESH_AXES = tuple(axis for axis in MESH_AXES if axis != "sequence")
+
+
 def parse_mesh(text: str | None) -> dict[str, int] | None:
     """`tensor=4,data=2` -> {"tensor": 4, "data": 2}; None for no mesh."""
     if text is None:
@@ -75,8 +80,9 @@ def parse_mesh(text: str | None) -> dict[str, int] | None:
     sizes: dict[str, int] = {}
     for part in text.split(","):
         name, eq, value = part.strip().partition("=")
-        if not eq or name not in MESH_AXES:
-            raise UsageError(f"--mesh takes AXIS=SIZE pairs with AXIS in {', '.join(MESH_AXES)}; got {text!r}")
+        if not eq or name not in SERVE_MESH_AXES:
+            axes = ", ".join(SERVE_MESH_AXES)
+            raise UsageError(f"--mesh takes AXIS=SIZE pairs with AXIS in {axes}; got {text!r}")
         try:
             sizes[name] = int(value)
         except ValueError:

@@ -45,6 +45,7 @@ def test_missing_checkpoint(capsys, tmp_path):
         (["--quantize", "int4"], "invalid choice"),
         (["--mesh", "tensor"], "AXIS=SIZE"),
         (["--mesh", "model=2"], "AXIS=SIZE"),
+        (["--mesh", "sequence=2"], "AXIS=SIZE"),  # a training axis: nothing to split in decoding
         (["--mesh", "tensor=x"], "must be an integer"),
         (["--mesh", "tensor=3"], "needs 3 devices"),  # the test session has 8 (fake CPU) devices
     ],
