@@ -41,9 +41,9 @@ test-all: $(STAMP)
 
 # The numerics-heavy tests again with XLA:CPU capped to SSE4.2 kernels (128-bit vectors: other accumulation
 # orders than the AVX2 / AVX-512 default), so a tolerance that holds only on the machine at hand fails in CI
-# before it lands. Tolerances and the floors they were measured from: tests/tolerances.py. At full XLA
-# optimization (QWEN2_JAX_TEST_XLA_OPT=full): the default set compiles at level 0 for speed (tests/xla_env.py),
-# so this run is the one that checks the machine code users get.
+# before it lands. Tolerances and the floors they were measured from: tests/tolerances.py. With XLA's
+# default code generation (QWEN2_JAX_TEST_XLA_OPT=full): the default set compiles at LLVM level 0 without
+# the MLIR fusion emitters, for speed (tests/xla_env.py), so this run checks the machine code users get.
 NUMERICS_TESTS := tests/test_parity_dense.py tests/test_moe.py tests/test_moe_block.py tests/test_sharding.py \
                   tests/test_generate.py tests/test_train_loss.py
 ISA_CAP ?= SSE4_2
