@@ -42,7 +42,12 @@ def base_and_adapter(tmp_path_factory):
     return path, str(root / "adapter"), config, params
 
 
+@pytest.mark.slow
 def test_served_greedy_text_equals_qwen2_generate_adapter(base_and_adapter):
+    """Slow (a server and a qwen2-generate process): the default set covers the path in parts, the
+    merge that --adapter runs at load (tests/test_lora.py: load_checkpoint(adapter=) == peft's
+    merge_and_unload), the flag's check before the port opens (below), and the served text ==
+    generate's on the same weights (tests/test_serve_http.py)."""
     path, adapter, config, params = base_and_adapter
     env = {**os.environ, **ENV, "XLA_FLAGS": xla_flags(1), "JAX_PLATFORMS": "cpu"}
     cmd = [sys.executable, "-m", "qwen2_jax", "--checkpoint", str(path), "--adapter", adapter, "--prompt", PROMPT]

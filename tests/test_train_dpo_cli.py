@@ -107,10 +107,16 @@ def test_dpo_from_an_hf_checkpoint_trains_logs_trl_metrics_and_chats(unbroken_ru
     assert chat.stdout.strip(), chat.stdout
 
 
-@pytest.mark.parametrize("precompute", [False, True], ids=["reference-in-step", "precomputed"])
+@pytest.mark.parametrize(
+    "precompute",
+    [False, pytest.param(True, marks=pytest.mark.slow)],
+    ids=["reference-in-step", "precomputed"],
+)
 def test_dpo_with_lora_takes_the_base_with_adapters_off_as_its_reference(workdir, precompute):
     """A LoRA run's reference is its own frozen base with the adapters off (no second copy of the weights
-    in the step): at step 1 the policy (B = 0) equals it, so the loss is log 2 and the margin 0."""
+    in the step): at step 1 the policy (B = 0) equals it, so the loss is log 2 and the margin 0. The
+    precomputed case is slow: precomputing is covered by tests/test_train_dpo.py, the LoRA reference by
+    the first case."""
     name = "lora-precomputed" if precompute else "lora"
     output_dir = str(workdir / name)
     sets = ("lora.rank=4", "lora.alpha=16", "total_steps=6", f"dpo.precompute_reference={str(precompute).lower()}")
