@@ -4,8 +4,9 @@ The exchanges are those of the built-in chat data (`train.data_chat_corpus`) for
 demo pretrains on (`_pydecimal.py`, the pure-Python `decimal`): user "What does `decimal.Context.quantize`
 do?", assistant the docstring's first sentence. The names are split once, deterministically, into the
 ones SFT and DPO train on and held-out ones that no post-training row mentions; the held-out pairs
-measure preference accuracy. A pair's rejected answer is the first sentence of the next name in its
-own split (wrapping around): plausible `decimal` prose about something else.
+measure preference accuracy. A pair's rejected answer is the first sentence of a name of another kind
+(`Decimal` method, `Context` method, other) in its own split: plausible `decimal` prose about
+something else.
 """
 
 from __future__ import annotations
@@ -61,15 +62,24 @@ def split(exchanges: list[Exchange]) -> Split:
     return Split([e for i, e in enumerate(exchanges) if i % HELD_OUT_EVERY != HELD_OUT_EVERY - 1], held)
 
 
+def kind(exchange: Exchange) -> str:
+    """What the name documents: a `Decimal` method, a `Context` method, or anything else (the exception
+    classes, the classes themselves, module functions)."""
+    parts = exchange.name.split(".")
+    return parts[1] if len(parts) > 2 and parts[1] in ("Decimal", "Context") else "other"
+
+
 def preference_pairs(exchanges: list[Exchange]) -> list[tuple[Exchange, str]]:
-    """(exchange, rejected answer): the next exchange's answer, skipping any equal to the chosen one."""
+    """(exchange, rejected answer): for the i-th exchange, the i-th answer (wrapping around) among the
+    exchanges of other kinds, so the rejected answers spread over them rather than repeating one.
+
+    Another kind, because that contrast is one a 10M-parameter model can learn from ~100 pairs and
+    carry to names it never saw (`Context` methods speak of "the operand" and a, b; `Decimal` methods of
+    self; exceptions are short phrases); telling apart two names of the same kind is left to a bigger model."""
     pairs = []
     for i, exchange in enumerate(exchanges):
-        for step in range(1, len(exchanges)):
-            other = exchanges[(i + step) % len(exchanges)].answer
-            if other != exchange.answer:
-                pairs.append((exchange, other))
-                break
+        others = [o for o in exchanges if kind(o) != kind(exchange) and o.answer != exchange.answer]
+        pairs.append((exchange, others[i % len(others)].answer))
     return pairs
 
 
