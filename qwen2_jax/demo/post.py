@@ -6,7 +6,8 @@ learns to answer "What does `decimal.X` do?" with the first sentence of X's docs
   base      the base demo's checkpoint: reused from `--base DIR` (what `python -m qwen2_jax.demo --keep
             DIR` wrote), or trained first through the base demo's own stages (tokenizer, corpus, train)
   data      ~125 names split into ~100 trained on and ~25 held out; SFT rows (question, true answer)
-            and DPO rows (true answer chosen, another name's rejected) for the trained names only
+            and DPO rows (true answer chosen, the answer of another kind of name rejected) for the
+            trained names only
   before    held-out preference accuracy of the base model
   sft       `qwen2-train` task sft from the base checkpoint, then the held-out accuracy
   dpo       `qwen2-train` task dpo from the SFT checkpoint (the reference), then the held-out accuracy
