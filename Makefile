@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 BASE_STAMP := $(VENV)/.installed-base
 
-.PHONY: test test-slow test-all test-numerics-isa test-aot demo install
+.PHONY: test test-slow test-all test-numerics-isa test-aot demo demo-post install
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -69,3 +69,9 @@ test-aot: $(AOT_STAMP)
 # `make demo DEMO_ARGS="--keep out/demo"` keeps what it writes (python -m qwen2_jax.demo --help)
 demo: $(BASE_STAMP)
 	$(PY) -m qwen2_jax.demo $(DEMO_ARGS)
+
+# SFT then DPO of the demo's model, held-out preference accuracy before / after each, then a chat
+# (python -m qwen2_jax.demo.post --help). `make demo-post DEMO_POST_ARGS="--base out/demo"` reuses what
+# `make demo DEMO_ARGS="--keep out/demo"` wrote (or trains the base model there first and keeps it).
+demo-post: $(BASE_STAMP)
+	$(PY) -m qwen2_jax.demo.post $(DEMO_POST_ARGS)

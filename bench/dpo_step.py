@@ -1,7 +1,8 @@
 """DPO step speed: ours (qwen2-train's task dpo step: pairs as two segments of one row, chunked
 per-token log-probs, the reference model run in the step, AdamW, jitted, state donated) against TRL's
 DPOTrainer (chosen and rejected as padded rows of one batch, fused chunked LM head, its reference
-model run in the step), float32 on both sides (TRL's default bf16 autocast off), 2 threads.
+model run in the step), float32 on both sides (TRL's default bf16 autocast and gradient
+checkpointing off), 2 threads.
 
 The same random Qwen2-0.5B-shaped model on both sides (HF saves, we load; --layers of them), the
 reference the starting model on both sides, the same pairs (the built-in preference data,
@@ -57,7 +58,10 @@ def bench_trl(model_dir, rows, args) -> list[float]:
         output_dir=None,
         report_to=[],
         use_cpu=True,
+        # TRL's configs default to bf16=True (CPU bf16 autocast) and gradient_checkpointing=True (the forward
+        # recomputed in the backward); ours is float32 with no remat
         bf16=False,
+        gradient_checkpointing=False,
         beta=0.1,
         max_length=args.seq,
         per_device_train_batch_size=args.batch,
@@ -78,6 +82,11 @@ def bench_trl(model_dir, rows, args) -> list[float]:
         train_dataset=Dataset.from_list(rows),
         processing_class=AutoTokenizer.from_pretrained(model_dir),
         callbacks=[Clock()],
+    )
+    print(
+        f"TRL: mixed precision {trainer.accelerator.mixed_precision}, "
+        f"gradient checkpointing {trainer.model.is_gradient_checkpointing}",
+        flush=True,
     )
     trainer.train()
     return times[args.warmup :]

@@ -1,6 +1,7 @@
 """SFT step speed: ours (qwen2-train's task sft step: packed rows with segment ids, chunked loss, AdamW,
 jitted, state donated) against TRL's SFTTrainer (packing, best-fit decreasing, padding-free rows with
-position ids: transformers keeps attention inside each conversation), float32, 2 threads.
+position ids: transformers keeps attention inside each conversation), float32 on both sides (TRL's
+default bf16 autocast and gradient checkpointing off), 2 threads.
 
 The same random Qwen2-0.5B-shaped model on both sides (HF saves, we load; --layers of them), the same
 conversations (the built-in chat data, train/data_chat_corpus.py), the same batch: --batch packed
@@ -56,6 +57,10 @@ def bench_trl(model_dir, tok_dir, rows, args) -> tuple[list[float], list[int]]:
         output_dir=None,
         report_to=[],
         use_cpu=True,
+        # TRL's configs default to bf16=True (accelerate then runs the step under CPU bf16 autocast) and
+        # gradient_checkpointing=True (the forward recomputed in the backward); ours is float32 with no remat
+        bf16=False,
+        gradient_checkpointing=False,
         packing=True,
         max_length=args.seq,
         per_device_train_batch_size=args.batch,
@@ -76,6 +81,11 @@ def bench_trl(model_dir, tok_dir, rows, args) -> tuple[list[float], list[int]]:
         train_dataset=Dataset.from_list(rows),
         processing_class=AutoTokenizer.from_pretrained(tok_dir),
         callbacks=[Clock()],
+    )
+    print(
+        f"TRL: mixed precision {trainer.accelerator.mixed_precision}, "
+        f"gradient checkpointing {trainer.model.is_gradient_checkpointing}",
+        flush=True,
     )
     collate = trainer.data_collator
     loader = trainer.get_train_dataloader()

@@ -71,14 +71,19 @@ def command_line(command: str, args: Sequence[str]) -> str:
     return shlex.join([command, *args])
 
 
-def run_command(stages: Stages, command: str, args: Sequence[str], *, capture: bool = False) -> str:
+def run_command(
+    stages: Stages, command: str, args: Sequence[str], *, capture: bool = False, stdin: str | None = None
+) -> str:
     """Run a console script's module in a subprocess, echoing its command line first. Its output
-    goes to the terminal (stdout is returned instead when `capture`). Non-zero exit: StageFailed."""
-    stages.say(f"$ {command_line(command, args)}")
+    goes to the terminal (stdout is returned instead when `capture`); `stdin` is typed into it.
+    Non-zero exit: StageFailed."""
+    piped = "" if stdin is None else f"echo {shlex.quote(stdin.rstrip())} | "
+    stages.say(f"$ {piped}{command_line(command, args)}")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.run(
         [sys.executable, "-m", COMMANDS[command], *args],
         stdout=subprocess.PIPE if capture else None,
+        input=stdin,
         text=True,
         env=env,
         check=False,
