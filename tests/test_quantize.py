@@ -173,7 +173,16 @@ def test_moe_experts_stay_float():
     assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max()
 
 
-def test_int8_generation_one_device_equals_meshes(checkpoint):
+@pytest.mark.parametrize(
+    "axes",
+    [
+        dict(data=2, tensor=4),
+        # slow: the same sharded int8 path (scales split with their channels over tensor) as data x tensor
+        pytest.param(dict(fsdp=2, tensor=2), marks=pytest.mark.slow),
+    ],
+    ids=["data2-tensor4", "fsdp2-tensor2"],
+)
+def test_int8_generation_one_device_equals_meshes(checkpoint, axes):
     request = GenerateOptions(10, eos_token_ids=[])
     prompts = [[5, 6, 7, 8, 9], [11, 3]]
     config, q = qwen2_jax.load_checkpoint(checkpoint, dtype="bfloat16", quantize="int8")
@@ -181,13 +190,12 @@ def test_int8_generation_one_device_equals_meshes(checkpoint):
     # quantizing after the per-layer relayout (Generator(quantize=)) gives the same params
     _, params = qwen2_jax.load_checkpoint(checkpoint, dtype="bfloat16")
     assert Generator(config, params, quantize="int8").generate(prompts, request) == one
-    for axes in (dict(fsdp=2, tensor=2), dict(data=2, tensor=4)):
-        mesh = make_mesh(**axes, devices=jax.devices()[: 2 * max(axes.values())])
-        _, sharded = qwen2_jax.load_checkpoint(checkpoint, dtype="bfloat16", mesh=mesh, quantize="int8")
-        scale = sharded["layers"]["mlp"]["gate_kernel_scale"]  # [layers, mlp]: sharded with its channel
-        assert scale.sharding.spec[1] == "tensor", scale.sharding.spec
-        assert sharded["layers"]["mlp"]["gate_kernel"].sharding.spec[2] == "tensor"
-        assert Generator(config, sharded).generate(prompts, request) == one, axes
+    mesh = make_mesh(**axes, devices=jax.devices()[: 2 * max(axes.values())])
+    _, sharded = qwen2_jax.load_checkpoint(checkpoint, dtype="bfloat16", mesh=mesh, quantize="int8")
+    scale = sharded["layers"]["mlp"]["gate_kernel_scale"]  # [layers, mlp]: sharded with its channel
+    assert scale.sharding.spec[1] == "tensor", scale.sharding.spec
+    assert sharded["layers"]["mlp"]["gate_kernel"].sharding.spec[2] == "tensor"
+    assert Generator(config, sharded).generate(prompts, request) == one, axes
 
 
 def test_bad_quantize_values_are_one_line_errors(checkpoint, capsys):
