@@ -23,6 +23,13 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _kernels_registered():
+    """gemv and take_rows are called only when `available()` (which builds and registers them): any
+    test of this module may run first on its worker."""
+    cpu_kernels.available()
+
+
 def test_kernels_build_on_this_machine():
     # CI machines have a C++ compiler: a silent fallback to XLA's dot would hide a broken build.
     assert shutil.which("c++") or shutil.which("g++"), "no C++ compiler to build the CPU kernels"
@@ -30,7 +37,8 @@ def test_kernels_build_on_this_machine():
 
 
 def _reference(x, w, scale=None):
-    y = np.asarray(x.astype(jnp.float32), np.float64) @ np.asarray(w.astype(jnp.float32), np.float64).T
+    """The float64 product of numpy arrays (bfloat16 ones widen exactly)."""
+    y = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T
     return y if scale is None else y * np.asarray(scale, np.float64)
 
 
@@ -39,27 +47,35 @@ def _reference(x, w, scale=None):
 @pytest.mark.parametrize("n, k", [(37, 96), (300, 1000), (4, 33)])
 def test_gemv_equals_the_float64_product(w_dtype, rows, n, k):
     """Odd output counts (the row blocks' remainder), widths that are no multiple of the vector
-    (the tail loops), and more rows than one pass handles (groups of 8)."""
-    key_w, key_x, key_s = jax.random.split(jax.random.key(rows * 1000 + n + k), 3)
+    (the tail loops), and more rows than one pass handles (groups of 8). The inputs and the reference
+    are numpy (ml_dtypes for bfloat16): the one XLA program per case is the kernel's."""
+    rng = np.random.default_rng(rows * 1000 + n + k)
     if w_dtype == "int8":
-        w = jax.random.randint(key_w, (n, k), -127, 128).astype(jnp.int8)
-        scale = jax.random.uniform(key_s, (n,), jnp.float32, 0.001, 0.01)
+        w = rng.integers(-127, 128, (n, k)).astype(np.int8)
+        scale = rng.uniform(0.001, 0.01, (n,)).astype(np.float32)
     else:
-        w = jax.random.normal(key_w, (n, k), jnp.float32).astype(w_dtype)
+        w = rng.standard_normal((n, k), np.float32).astype(jnp.dtype(w_dtype))
         scale = None
+    x32 = rng.standard_normal((rows, k), np.float32)
     for x_dtype in (jnp.float32, jnp.bfloat16):
         if x_dtype == jnp.bfloat16 and w_dtype not in ("bfloat16", "int8"):
             continue
-        x = jax.random.normal(key_x, (rows, k), jnp.float32).astype(x_dtype)
+        x = x32.astype(x_dtype)
         got = np.asarray(jax.jit(cpu_kernels.gemv)(x, w, scale))
         want = _reference(x, w, scale)
         assert got.dtype == np.float32 and got.shape == (rows, n)
         # float32 accumulation over k terms: a few ulps of the sum of |products|
-        bound = 4 * np.finfo(np.float32).eps * np.sqrt(k) * _reference(jnp.abs(x), jnp.abs(w), scale).max()
+        abs_w = np.abs(np.asarray(w, np.float64))
+        bound = (
+            4
+            * np.finfo(np.float32).eps
+            * np.sqrt(k)
+            * _reference(np.abs(np.asarray(x, np.float64)), abs_w, scale).max()
+        )
         if w_dtype == "int8" and cpu_kernels.has_int8_dot():
             # the VNNI kernel rounds each activation row to int16 steps of absmax / 32767
             step_m1 = np.abs(np.asarray(x, np.float64)).max(axis=1, keepdims=True) / 32767
-            bound = bound + 0.5 * step_m1 * _reference(jnp.ones_like(x), jnp.abs(w), scale)
+            bound = bound + 0.5 * step_m1 * _reference(np.ones(x.shape), abs_w, scale)
         np.testing.assert_array_less(np.abs(got - want), bound + 1e-30)
 
 

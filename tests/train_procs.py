@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 
+from session_once import built_once
 from xla_env import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -166,11 +167,12 @@ REFERENCE_MESH = ("mesh.data=2", "mesh.fsdp=4")
 
 
 def reference_run(tmp_path_factory) -> str:
-    """The unbroken short run: 1 process x 8 devices, mesh data=2 x fsdp=4 (run once per session)."""
-    if "reference" not in _shared:
-        base = tmp_path_factory.mktemp("reference")
-        output_dir = str(base / "run")
-        results = run(command(output_dir, shared_cache_dir(tmp_path_factory), *REFERENCE_MESH), logs_dir=base)
+    """The unbroken short run: 1 process x 8 devices, mesh data=2 x fsdp=4, run once per session even
+    across xdist workers (test_train_multiprocess.py and test_train_elastic.py read it)."""
+
+    def build(base):
+        # the data cache of the worker that builds it: no other process prepares into that one meanwhile
+        results = run(command(str(base / "run"), shared_cache_dir(tmp_path_factory), *REFERENCE_MESH), logs_dir=base)
         assert results[0].returncode == 0, tail(results)
-        _shared["reference"] = output_dir
-    return _shared["reference"]
+
+    return str(built_once(tmp_path_factory, "reference", build) / "run")
