@@ -68,25 +68,10 @@ def prepared(data_corpus, tok_dir, tmp_path_factory):
 def hf_model_dir(tmp_path_factory, hf_tok):
     """A random tiny Qwen2 in an HF directory, with every parameter random and Qwen2's tokenizer: the
     checkpoint the SFT, DPO and LoRA command-line tests start from (read, never written; built once)."""
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    from hf_utils import randomize_all
+    from hf_utils import save_tiny_chat_model
 
     path = tmp_path_factory.mktemp("tiny-hf")
-    config = Qwen2Config(
-        vocab_size=151680,  # the tokenizer's 151,646 ids, rounded up
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    randomize_all(Qwen2ForCausalLM(config), scale=0.05).save_pretrained(path)
-    hf_tok.save_pretrained(path)
+    save_tiny_chat_model(path, hf_tok, tie_word_embeddings=True)
     return str(path)
 
 

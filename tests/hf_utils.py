@@ -74,6 +74,28 @@ def make_hf_model(hf_config, seed: int = 0, moe: bool = False):
     return model
 
 
+def save_tiny_chat_model(path, tokenizer, *, tie_word_embeddings: bool, seed: int = 0, scale: float = 0.05):
+    """A random tiny Qwen2 (every parameter random) saved with Qwen2's tokenizer into an HF directory: the
+    checkpoint the SFT, DPO and LoRA tests start from. Returns the torch model."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=151680,  # the tokenizer's 151,646 ids, rounded up
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=512,
+        tie_word_embeddings=tie_word_embeddings,
+    )
+    torch.manual_seed(seed)
+    model = randomize_all(Qwen2ForCausalLM(config), seed=seed, scale=scale)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return model
+
+
 def hf_logits(model, input_ids, attention_mask=None, output_hidden_states=False):
     """HF logits with explicit positions counting real tokens only (as HF generate does)."""
     ids = torch.as_tensor(np.asarray(input_ids), dtype=torch.long)

@@ -23,6 +23,7 @@ from qwen2_jax.demo.prompt import held_out_prompt
 from qwen2_jax.demo.stages import StageFailed, Stages, run_command
 from train.config import load_config
 from train.data import prepare
+from xla_env import xla_flags
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -157,16 +158,16 @@ def test_keep_refuses_a_non_empty_directory(tmp_path, capsys):
 
 # --------------------------------------------------------------------------------------- the whole demo
 def _demo_env():
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)  # one CPU device, as a user has: conftest sets 8 fake ones for this process
-    return env
+    # one CPU device, as a user has (conftest sets 8 fake ones for this process), compiled as every test
+    # process compiles (tests/xla_env.py: cheaper code generation, the compilation cache's flag)
+    return dict(os.environ, XLA_FLAGS=xla_flags(1))
 
 
 @pytest.mark.slow
 def test_whole_demo_with_a_few_steps(tmp_path, monkeypatch, capfd):
     """Every stage through its real command, on few steps (the learned threshold lowered accordingly):
     the outputs exist, the transformers comparison ran and agreed, and the last stage generated text."""
-    monkeypatch.setenv("XLA_FLAGS", "")
+    monkeypatch.setenv("XLA_FLAGS", _demo_env()["XLA_FLAGS"])
     monkeypatch.setattr(pipeline, "LEARNED_MARGIN", -10.0)  # 6 steps learn little
     keep = tmp_path / "demo"
     assert pipeline.main(["--keep", str(keep), "--steps", "6"]) == 0

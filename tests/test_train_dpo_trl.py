@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from hf_utils import save_tiny_chat_model
 from qwen2_jax.hf_keys import hf_table
 from train.config import load_config
 from train.dpo_data import PreferenceCorpus
@@ -67,28 +68,6 @@ STANDARD = [
     {"prompt": "The capital of France is", "chosen": " Paris.", "rejected": " Berlin, of course."},
     {"prompt": "def add(a, b):\n", "chosen": "    return a + b\n", "rejected": "    pass\n"},
 ]
-
-
-def _hf_model(path, hf_tok, seed):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    from hf_utils import randomize_all
-
-    config = Qwen2Config(
-        vocab_size=151680,  # the tokenizer's 151,646 ids, rounded up
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(seed)
-    model = randomize_all(Qwen2ForCausalLM(config), seed=seed, scale=0.3)
-    model.save_pretrained(path)
-    hf_tok.save_pretrained(path)
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -152,8 +131,8 @@ def _ours(rows, policy_dir, reference_dir, base, beta):
 @pytest.mark.parametrize("rows", [CONVERSATIONAL, STANDARD], ids=["conversational", "standard"])
 def test_loss_metrics_and_gradients_equal_trl(models, hf_tok, rows):
     policy_dir, reference_dir, base = models
-    _hf_model(policy_dir, hf_tok, seed=1)
-    _hf_model(reference_dir, hf_tok, seed=2)
+    save_tiny_chat_model(policy_dir, hf_tok, tie_word_embeddings=False, seed=1, scale=0.3)
+    save_tiny_chat_model(reference_dir, hf_tok, tie_word_embeddings=False, seed=2, scale=0.3)
     beta = 0.1
     trl_loss, trl_metrics, trl_grads = _trl(rows, policy_dir, reference_dir, hf_tok, base, beta)
     loss, metrics, grads, config = _ours(rows, policy_dir, reference_dir, base, beta)

@@ -101,6 +101,10 @@ def _main(argv: list[str]) -> int:
 
         prepare_host(args.topology)  # before anything starts JAX's backends
     else:
+        if not args.dry_run:
+            from train.host_malloc import keep_freed_memory
+
+            keep_freed_memory()  # before the backends start: each step's temporaries reuse freed memory
         distributed.start(args.coordinator_address, args.num_processes, args.process_id, prog=PROG)
     with distributed.failures_stop_all():
         from train.config import load_config

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import os
 from collections.abc import Mapping
@@ -37,7 +36,6 @@ from typing import Any
 
 import numpy as np
 
-from qwen2_jax import atomic
 from qwen2_jax.tokenizer import TOKENIZER_FILE, load_tokenizer
 from train.chat_render import ChatDataError, ChatRenderer, _messages, jsonl_files, read_rows
 from train.config import TrainConfig
@@ -45,6 +43,7 @@ from train.data_loader import TrainBatches
 from train.data_pref_corpus import default_preference_sources
 from train.data_prepare import DEFAULT_EVAL_FRACTION, held_out_rows
 from train.packing import IGNORE_INDEX, PackStats, assign_rows
+from train.row_cache import held_out_batches, load_cached_rows, save_cached_rows
 from train.sft_data import _file_sha256, tokenizer_dir, write_chat_assets
 
 TOKEN_FIELDS = ("input_ids", "labels", "segment_ids")
@@ -235,7 +234,10 @@ class PreferenceCorpus:
         self.files = jsonl_files(sources)
         cache = self._cache_path(config)
         self.cached = cache.is_file()
-        rows, self.stats = _load_rows(cache) if self.cached else self._render_and_pack(config, cache)
+        if self.cached:
+            rows, self.stats = load_cached_rows(cache, TOKEN_FIELDS)
+        else:
+            rows, self.stats = self._render_and_pack(config, cache)
         n = len(rows["input_ids"])
         if n == 0:
             raise ChatDataError(
@@ -279,10 +281,7 @@ class PreferenceCorpus:
         rows, stats = pack_pairs(
             pairs, config.seq_len, packing=config.data.packing, truncation=config.data.truncation, pad_id=pad_id
         )
-        buffer = io.BytesIO()
-        np.savez(buffer, stats=np.array(json.dumps(dataclasses.asdict(stats))), **rows)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        atomic.write_bytes(cache, buffer.getvalue())
+        save_cached_rows(cache, rows, stats)
         return rows, stats
 
     @property
@@ -317,26 +316,15 @@ class PreferenceCorpus:
     def eval_iterator(self, *, global_batch_size, process_index, process_count):
         """The held-out rows in order, this process's share of each global batch, the last batch filled
         with padding rows (segment 0: no pair)."""
-        rows = self.eval_rows
-        n = len(rows["input_ids"])
-        if n == 0:
+        if len(self.eval_rows["input_ids"]) == 0:
             raise ChatDataError("eval_every: this DPO run holds out no rows")
-        local = global_batch_size // process_count
-        for first in range(0, n, global_batch_size):
-            take = np.arange(first + process_index * local, min(first + (process_index + 1) * local, n))
-            batch = {}
-            for field, values in rows.items():
-                block = np.full((local,) + values.shape[1:], IGNORE_INDEX if field == "labels" else 0, values.dtype)
-                block[: len(take)] = values[take]
-                batch[field] = block
-            yield batch
+        return held_out_batches(
+            self.eval_rows,
+            global_batch_size=global_batch_size,
+            process_index=process_index,
+            process_count=process_count,
+        )
 
     def write_assets(self, directory: str) -> None:
         """The tokenizer files, with the chat template this run rendered with, into a checkpoint directory."""
         write_chat_assets(self.tokenizer_dir, self.chat, directory)
-
-
-def _load_rows(path: Path) -> tuple[dict[str, np.ndarray], PackStats]:
-    with np.load(path, allow_pickle=False) as cached:
-        rows = {field: cached[field] for field in TOKEN_FIELDS}
-        return rows, PackStats(**json.loads(str(cached["stats"])))

@@ -19,9 +19,7 @@ the chat template used, into the run's checkpoint directory, so `qwen2-generate 
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import io
 import json
 import os
 from pathlib import Path
@@ -37,6 +35,7 @@ from train.data_chat_corpus import default_chat_sources
 from train.data_loader import TrainBatches
 from train.data_prepare import DEFAULT_EVAL_FRACTION, held_out_rows
 from train.packing import PackedRows, PackStats, pack
+from train.row_cache import held_out_batches, load_cached_rows, save_cached_rows
 
 BATCH_FIELDS = ("input_ids", "labels", "segment_ids")
 BUILTIN_TOKENIZER = "qwen2-chatml"  # under <data.cache_dir>/tokenizers/
@@ -52,9 +51,8 @@ def _file_sha256(path: str) -> str:
 
 
 def _load_rows(path: Path) -> tuple[PackedRows, PackStats]:
-    with np.load(path, allow_pickle=False) as cached:
-        rows = PackedRows(*(cached[field] for field in BATCH_FIELDS))
-        return rows, PackStats(**json.loads(str(cached["stats"])))
+    arrays, stats = load_cached_rows(path, BATCH_FIELDS)
+    return PackedRows(*(arrays[field] for field in BATCH_FIELDS)), stats
 
 
 class RowSource:
@@ -142,11 +140,7 @@ class ChatCorpus:
         rows, stats = pack(
             documents, config.seq_len, packing=config.data.packing, truncation=config.data.truncation, pad_id=pad_id
         )
-        buffer = io.BytesIO()
-        arrays = {field: getattr(rows, field) for field in BATCH_FIELDS}
-        np.savez(buffer, stats=np.array(json.dumps(dataclasses.asdict(stats))), **arrays)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        atomic.write_bytes(cache, buffer.getvalue())
+        save_cached_rows(cache, {field: getattr(rows, field) for field in BATCH_FIELDS}, stats)
         return rows, stats
 
     def summary(self, seq_len: int, packing: bool, truncation: str) -> str:
@@ -172,19 +166,14 @@ class ChatCorpus:
     def eval_iterator(self, *, global_batch_size, process_index, process_count):
         """The held-out rows in order, this process's share of each global batch, the last batch filled
         with padding rows (segment 0: no token counts)."""
-        rows = self.eval_rows
-        if len(rows) == 0:
+        if len(self.eval_rows) == 0:
             raise ChatDataError("eval_every: this SFT run holds out no rows")
-        local = global_batch_size // process_count
-        seq_len = rows.input_ids.shape[1]
-        for first in range(0, len(rows), global_batch_size):
-            start = first + process_index * local
-            batch = {field: np.zeros((local, seq_len), np.int32) for field in BATCH_FIELDS}
-            batch["labels"][:] = -100
-            take = np.arange(start, min(start + local, len(rows)))
-            for field in BATCH_FIELDS:
-                batch[field][: len(take)] = getattr(rows, field)[take]
-            yield batch
+        return held_out_batches(
+            {field: getattr(self.eval_rows, field) for field in BATCH_FIELDS},
+            global_batch_size=global_batch_size,
+            process_index=process_index,
+            process_count=process_count,
+        )
 
     def write_assets(self, directory: str) -> None:
         """The tokenizer files, with the chat template this run rendered with, into a checkpoint directory."""
