@@ -12,18 +12,10 @@ from train.config import LossConfig
 from train.loss import IGNORE_INDEX, make_loss_fn
 from train.model_setup import ModelSetup, build_mesh
 from train.objective import Objective
+from train_utils import TINY_LOSS_MODEL
 
 SEQ = 16
-DENSE = dict(
-    model_type="qwen2",
-    vocab_size=160,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-)
+DENSE = dict(TINY_LOSS_MODEL, max_position_embeddings=64)
 MOE = dict(
     DENSE,
     model_type="qwen2_moe",

@@ -24,18 +24,9 @@ from train.dpo_objective import DpoObjective
 from train.dpo_reference import FrozenModel, precompute_token_logps
 from train.model_setup import ModelSetup, batch_sharding, build_mesh
 from train.packing import IGNORE_INDEX
+from train_utils import TINY_LOSS_MODEL
 
-TINY = dict(
-    model_type="qwen2",
-    vocab_size=97,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-    tie_word_embeddings=False,
-)
+TINY = dict(TINY_LOSS_MODEL, vocab_size=97, max_position_embeddings=256, tie_word_embeddings=False)
 SEQ_LEN = 64
 TOLERANCE = 1e-5
 

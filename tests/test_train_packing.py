@@ -16,19 +16,9 @@ from train.config import LossConfig
 from train.model_setup import ModelSetup, build_mesh
 from train.objective import Objective
 from train.packing import IGNORE_INDEX, Document, assign_rows, pack
+from train_utils import TINY_LOSS_MODEL
 
-TINY = dict(
-    model_type="qwen2",
-    vocab_size=160,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=512,
-    qkv_bias=True,
-    tie_word_embeddings=False,
-)
+TINY = dict(TINY_LOSS_MODEL, max_position_embeddings=512, qkv_bias=True, tie_word_embeddings=False)
 TOLERANCE = 1e-6
 # On a mesh the gradient sums over rows run across devices, in an order that depends on which device
 # holds which row: the same unpadded batch on the 2x2x2 mesh and on one device already differs by

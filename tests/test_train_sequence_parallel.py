@@ -19,20 +19,10 @@ from train.loss import IGNORE_INDEX
 from train.model_setup import ModelSetup, build_mesh
 from train.objective import Objective
 from train.token_logps import batch_token_logps
-from train_utils import TINY_MODEL, SyntheticData
+from train_utils import TINY_LOSS_MODEL, TINY_MODEL, SyntheticData
 
 SEQ = 32
-TINY = dict(
-    model_type="qwen2",
-    vocab_size=160,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-    tie_word_embeddings=False,
-)
+TINY = dict(TINY_LOSS_MODEL, max_position_embeddings=64, tie_word_embeddings=False)
 TOL = 1e-5  # float32, max |difference| / max |one-device value|, per leaf
 
 

@@ -47,6 +47,18 @@ class SyntheticData:
         return _Rows(self.vocab, self.seq_len, global_batch_size, 12345, process_index, process_count, 1)
 
 
+# The tiny dense Qwen2 of the loss, packing, DPO and sequence-parallel tests (each sets its context length,
+# tying, or vocabulary where it needs another)
+TINY_LOSS_MODEL = dict(
+    model_type="qwen2",
+    vocab_size=160,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
+
 TINY_MODEL = dict(
     vocab_size=256,
     hidden_size=32,
