@@ -95,8 +95,10 @@ def test_a_killed_process_stops_the_other_and_the_rerun_resumes(tmp_path, cache_
     assert wait_for_step(job, output_dir, 5)
     killed_at = time.time()
     job.signal(1, signal.SIGKILL)
-    first = job.wait(120)
-    assert time.time() - killed_at < 60
+    first = job.wait(180)
+    # stopped, not hung: ~40 s on a quiet 2-core machine, 78 s once in CI with the SSE4.2 numerics
+    # running beside the slow tests (the survivor's in-flight step and shutdown share the CPUs)
+    assert time.time() - killed_at < 120
     assert first[1].returncode == -signal.SIGKILL and first[0].returncode not in (0, None), tail(first)
     assert "qwen2-train: error: " in first[0].stderr
     resumed_from = checkpoint_steps(output_dir)[-1]
