@@ -135,4 +135,11 @@ class CheckpointStore:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
+        # Orbax starts removing a killed run's temporary step directories in a background thread when the
+        # manager is built, and its close() does not wait for that thread: a run that ends early (a user
+        # error before the first save) would exit with it still running, and interpreter shutdown makes it
+        # fail with a traceback on stderr. Wait for it first (save() does the same before writing).
+        await_cleanup = getattr(self.manager, "_maybe_await_cleanup_tmp_directory", None)
+        if await_cleanup is not None:
+            await_cleanup()
         self.manager.close()
