@@ -23,7 +23,7 @@ from qwen2_jax.demo.prompt import held_out_prompt
 from qwen2_jax.demo.stages import StageFailed, Stages, run_command
 from train.config import load_config
 from train.data import prepare
-from xla_env import xla_flags
+from xla_env import run_xla_flags
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -160,7 +160,7 @@ def test_keep_refuses_a_non_empty_directory(tmp_path, capsys):
 def _demo_env():
     # one CPU device, as a user has (conftest sets 8 fake ones for this process), compiled as every test
     # process compiles (tests/xla_env.py: cheaper code generation, the compilation cache's flag)
-    return dict(os.environ, XLA_FLAGS=xla_flags(1))
+    return dict(os.environ, XLA_FLAGS=run_xla_flags(1))
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ import pytest
 
 from qwen2_jax.demo import post, qa_pairs
 from qwen2_jax.demo.preference_eval import encode_completion
-from xla_env import xla_flags
+from xla_env import run_xla_flags
 
 
 def test_held_out_names_are_in_no_training_row():
@@ -65,7 +65,7 @@ ACCURACY = re.compile(r"held-out preference accuracy, (base|after SFT|after DPO)
 
 def _demo_post(out, *extra, min_accuracy=0.0):
     # one CPU device, as a user has (conftest sets 8 fake ones), compiled as every test process compiles
-    env = dict(os.environ, XLA_FLAGS=xla_flags(1))
+    env = dict(os.environ, XLA_FLAGS=run_xla_flags(1))
     code = (  # the base model of 4 steps learns little: its own bar off too
         "import sys; from qwen2_jax.demo import pipeline, post; pipeline.LEARNED_MARGIN = -10.0; "
         f"post.MIN_ACCURACY = {min_accuracy}; sys.exit(post.main(sys.argv[1:]))"

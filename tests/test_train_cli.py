@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from xla_env import xla_flags
+from xla_env import run_xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join("configs", "train", "tiny-cpu.yaml")
@@ -26,7 +26,7 @@ DEVICES = 4
 
 def _env():
     env = dict(os.environ)
-    env["XLA_FLAGS"] = xla_flags(DEVICES)
+    env["XLA_FLAGS"] = run_xla_flags(DEVICES)
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     return env

@@ -16,7 +16,7 @@ import sys
 import time
 
 from session_once import built_once
-from xla_env import xla_flags
+from xla_env import run_xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join("configs", "train", "tiny-cpu.yaml")
@@ -35,7 +35,7 @@ SHORT_RUN = (
 
 def env(devices: int) -> dict[str, str]:
     out = dict(os.environ)
-    out["XLA_FLAGS"] = xla_flags(devices)
+    out["XLA_FLAGS"] = run_xla_flags(devices)
     out["JAX_PLATFORMS"] = "cpu"
     out["PYTHONPATH"] = REPO + os.pathsep + out.get("PYTHONPATH", "")
     out.pop("QWEN2_JAX_DEBUG", None)
