@@ -13,7 +13,7 @@ import threading
 import time
 from pathlib import Path
 
-from xla_env import run_xla_flags
+from xla_env import xla_flags
 
 REPO = Path(__file__).resolve().parent.parent
 EOS_IDS = [151645, 151643]  # <|im_end|>, <|endoftext|>: an Instruct checkpoint's generation_config.json
@@ -69,7 +69,7 @@ class Server:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.argv = [*serve_command(), "--checkpoint", str(checkpoint), "--port", str(self.port), *args]
-        self.env = {**os.environ, "XLA_FLAGS": run_xla_flags(devices), **(env or {})}
+        self.env = {**os.environ, "XLA_FLAGS": xla_flags(devices), **(env or {})}
         self.lines: list[str] = []
         self.proc: subprocess.Popen | None = None
         self._ready = threading.Event()

@@ -19,7 +19,7 @@ from qwen2_jax import lora
 from qwen2_jax.peft_adapter import save_peft_adapter
 from qwen2_jax.tokenizer import load_tokenizer
 from serve_utils import REPO, Server, write_checkpoint
-from xla_env import run_xla_flags
+from xla_env import xla_flags
 
 PROMPT = "The capital of France is"
 NEW_TOKENS = 12
@@ -49,7 +49,7 @@ def test_served_greedy_text_equals_qwen2_generate_adapter(base_and_adapter):
     merge_and_unload), the flag's check before the port opens (below), and the served text ==
     generate's on the same weights (tests/test_serve_http.py)."""
     path, adapter, config, params = base_and_adapter
-    env = {**os.environ, **ENV, "XLA_FLAGS": run_xla_flags(1), "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, **ENV, "XLA_FLAGS": xla_flags(1), "JAX_PLATFORMS": "cpu"}
     cmd = [sys.executable, "-m", "qwen2_jax", "--checkpoint", str(path), "--adapter", adapter, "--prompt", PROMPT]
     cmd += ["--max-new-tokens", str(NEW_TOKENS), "--temperature", "0", "--json"]
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

@@ -27,7 +27,9 @@ level 0 and 83 s with both (a default-flags run of the first two alone: 102 s ag
 They change how XLA:CPU turns a program into machine code, so results may differ by float rounding
 order, which every tolerance here allows for. `make test-numerics-isa` runs the numerics-heavy tests
 again with XLA's defaults (and the ISA capped), so the code users run is still checked.
-QWEN2_JAX_TEST_XLA_OPT=full turns both off."""
+QWEN2_JAX_TEST_XLA_OPT=full turns both off. The qwen2-train and demo processes the tests start keep
+XLA's defaults instead (`run_xla_flags`): they run many steps of few programs, so execution outweighs
+compilation there."""
 
 from __future__ import annotations
 
@@ -54,7 +56,9 @@ def run_xla_flags(devices: int) -> str:
     demos): XLA's default code generation, on the same cache. Their steps are dominated by fusions over
     the 151,936-token vocabulary (the loss, its gradient, the embedding update), which level-0 machine code
     runs about twice as slowly; measured on configs/train/tiny-cpu.yaml's 12-step run on 4 devices, whole
-    process: 19.8 s cold and 18.3 s warm at level 0, 18.0 s and 10.7 s with XLA's defaults."""
+    process: 19.8 s cold and 18.3 s warm at level 0, 18.0 s and 10.7 s with XLA's defaults. Not for
+    qwen2-serve: its warm-up compiles every prefill and decode program and runs each a few times (its two
+    test files: 36 s cold, 28 s warm at level 0; 50 s and 25 s with the defaults)."""
     flags = (f"--xla_force_host_platform_device_count={devices}", CACHE_SAFE_FLAGS)
     return " ".join(f for f in flags if f)
 
