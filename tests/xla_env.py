@@ -45,9 +45,10 @@ FAST_COMPILE_FLAGS = (
 )
 
 
-def xla_flags(devices: int, base: str = "") -> str:
+def xla_flags(devices: int, base: str = "", *, fast_compile: bool = True) -> str:
     """XLA_FLAGS with `devices` fake CPU devices, on top of `base` (for instance an ISA cap)."""
-    flags = (base, f"--xla_force_host_platform_device_count={devices}", CACHE_SAFE_FLAGS, FAST_COMPILE_FLAGS)
+    fast = FAST_COMPILE_FLAGS if fast_compile else ""
+    flags = (base, f"--xla_force_host_platform_device_count={devices}", CACHE_SAFE_FLAGS, fast)
     return " ".join(f for f in flags if f)
 
 
@@ -59,8 +60,7 @@ def run_xla_flags(devices: int) -> str:
     process: 19.8 s cold and 18.3 s warm at level 0, 18.0 s and 10.7 s with XLA's defaults. Not for
     qwen2-serve: its warm-up compiles every prefill and decode program and runs each a few times (its two
     test files: 36 s cold, 28 s warm at level 0; 50 s and 25 s with the defaults)."""
-    flags = (f"--xla_force_host_platform_device_count={devices}", CACHE_SAFE_FLAGS)
-    return " ".join(f for f in flags if f)
+    return xla_flags(devices, fast_compile=False)
 
 
 def set_session_environment(devices: int = 8) -> None:
